@@ -1,0 +1,61 @@
+"""Starting an embedded local Ray, or joining a cluster, with the environment workers need."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from urllib.parse import urlparse
+
+import ray
+
+from sapt.errors import SaptError
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180"),
+}
+
+
+def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Connects to ``address``, or starts a local Ray when it is empty; no-op if already connected."""
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV, DS_ACCELERATOR="cuda" if use_gpu else "cpu")
+    if address:
+        _probe(address)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        except Exception as err:  # Ray raises several types for an unreachable cluster
+            raise SaptError(f"cannot connect to Ray at {address!r}: {err}", source="ray.address") from None
+        return
+    # Ray Data's read and split tasks need CPUs that the Train workers have not reserved
+    # (ecosystem.md 1.3): over-commit logical CPUs on small machines.
+    needed = math.ceil(num_workers * cpus_per_worker) + 2
+    num_cpus = max(os.cpu_count() or 1, needed)
+    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fails in seconds on a closed address; ray.init itself retries for minutes."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise SaptError(f"expected HOST:PORT or ray://HOST:PORT, got {address!r}", source="ray.address")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise SaptError(f"cannot reach Ray at {address!r}: {err.strerror or err}", source="ray.address") from None

@@ -1,0 +1,65 @@
+"""Turns batches of strings into model tensors, for seq2seq and decoder-only backbones alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label positions the loss skips
+
+
+class Collator:
+    """Tokenizes prompts and answers the way each backbone family expects.
+
+    Seq2seq: the prompt goes to the encoder (cut from the right at ``max_source_len``), the answer
+    plus EOS becomes ``labels``. Decoder-only: prompt and answer are one left-padded sequence whose
+    loss covers the answer tokens only (sapt-method.md 4.5).
+    """
+
+    def __init__(self, tokenizer, is_encoder_decoder: bool, max_source_len: int, max_target_len: int):
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = is_encoder_decoder
+        self.max_source_len = max_source_len
+        self.max_target_len = max_target_len
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+    def _encode(self, texts: Sequence[str], limit: int, special: bool) -> list[list[int]]:
+        encoded = self.tokenizer(list(texts), add_special_tokens=special, truncation=True, max_length=limit)
+        return encoded["input_ids"]
+
+    def _answers(self, targets: Sequence[str]) -> list[list[int]]:
+        ids = self._encode(targets, self.max_target_len - 1, special=False)
+        return [row + [self.eos_id] for row in ids]
+
+    def train_batch(self, sources: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tensors for one training micro-batch: input_ids, attention_mask, labels."""
+        answers = self._answers(targets)
+        if self.is_encoder_decoder:
+            prompts = self._encode(sources, self.max_source_len, special=True)
+            batch = self._pad(prompts, left=False)
+            batch["labels"] = self._pad_rows(answers, IGNORE_INDEX, left=False)
+            return batch
+        prompts = self._encode(sources, self.max_source_len, special=False)
+        rows = [p + a for p, a in zip(prompts, answers)]
+        labels = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
+        batch = self._pad(rows, left=True)
+        batch["labels"] = self._pad_rows(labels, IGNORE_INDEX, left=True)
+        return batch
+
+    def generation_batch(self, sources: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Prompt tensors for greedy generation (left padding for decoder-only models)."""
+        prompts = self._encode(sources, self.max_source_len, special=self.is_encoder_decoder)
+        return self._pad(prompts, left=not self.is_encoder_decoder)
+
+    def _pad(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
+        ids = self._pad_rows(rows, self.pad_id, left)
+        mask = self._pad_rows([[1] * len(r) for r in rows], 0, left)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    @staticmethod
+    def _pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+        return torch.tensor(padded, dtype=torch.long)

@@ -1,0 +1,134 @@
+"""One continual-learning sequence: per stage a Ray Train fit, scoring, MLflow logging; then results.json.
+
+The only module that sees every layer. Bad input is found before anything is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from sapt.config import RunConfig
+from sapt.data.loading import load_tasks
+from sapt.data.types import TaskData
+from sapt.errors import SaptError
+from sapt.evaluation.metrics import cl_metrics, score_task
+from sapt.methods import build_method
+
+log = logging.getLogger("sapt.runner")
+
+
+def _single_scores(path: str, order: list[str]) -> list[float] | None:
+    """Single-task references for FWT, from the results.json of a `single` run on the same order."""
+    if not path:
+        return None
+    source = Path(path)
+    if not source.is_file():
+        raise SaptError("file not found", source="single_results", field=path)
+    try:
+        data = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise SaptError(f"malformed JSON: {err}", source=str(source)) from None
+    single = data.get("single") if isinstance(data, dict) else None
+    if data.get("order") != order or not isinstance(single, list) or len(single) != len(order):
+        raise SaptError("needs a `single` run's results over the same order", source=str(source), field="single")
+    return single
+
+
+def _check_backbone(spec: str) -> None:
+    """Fails fast on a backbone that cannot load (and builds or warms an embedded one once, here)."""
+    from sapt.backbones import load_backbone
+
+    load_backbone(spec)
+
+
+def run_sequence(run: RunConfig) -> Path:
+    """Runs the whole sequence and returns the path of results.json.
+
+    Raises:
+        SaptError: bad config, data, backbone, Ray address or MLflow URI (nothing registered then).
+    """
+    output_dir = Path(run.output_dir)
+    method = build_method(run.method, run.method_args, run.pet)
+    tasks = load_tasks(
+        run.data_dir or None,
+        run.order,
+        max_train_per_task=run.max_train_per_task,
+        max_eval_per_task=run.max_eval_per_task,
+        val_size=run.val_size,
+        seed=run.seed,
+    )
+    names = [t.name for t in tasks]
+    single = _single_scores(run.single_results, names)
+    _check_backbone(run.backbone)
+    stages = method.stages(len(tasks))
+
+    from sapt.cluster.session import ensure_ray
+    from sapt.cluster.trainer import fit_stage
+    from sapt.registry.tracking import SequenceTracker
+
+    # Ray first: an unreachable cluster must fail before a run is registered in MLflow.
+    ensure_ray(run.ray.address, num_workers=run.num_workers, cpus_per_worker=run.ray.cpus_per_worker,
+               use_gpu=run.ray.use_gpu)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracker = SequenceTracker(run.mlflow.tracking_uri, run.mlflow.experiment, output_dir,
+                              run.model_dump(mode="json"), names)
+    storage = run.ray.storage_path or str((output_dir / "ray").resolve())
+    matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
+    state: str | None = None
+    started = time.perf_counter()
+    try:
+        for number, stage in enumerate(stages):
+            trained = [names[i] for i in stage.train_tasks]
+            log.info("stage %d/%d: training on %s", number + 1, len(stages), ", ".join(trained))
+            result = fit_stage(run, stage, tasks, init_state=None if stage.fresh else state, storage_path=storage,
+                               name=f"{tracker.run_id}-stage{number + 1:02d}")
+            state = result.checkpoint_path
+            scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
+            for i, value in scores.items():
+                matrix[stage.row][i] = value
+            log.info("after %s: %s", "+".join(trained), ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items()))
+            tracker.stage(stage.row, trained, scores, result.history, matrix)
+    except BaseException:
+        tracker.fail()
+        raise
+    if run.method == "single":
+        single = [matrix[i][i] for i in range(len(tasks))]
+    metrics = cl_metrics(matrix, single)
+    results = {
+        "method": run.method,
+        "backbone": run.backbone,
+        "order": names,
+        "matrix": matrix,
+        "single": single,
+        "metrics": metrics,
+        "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path = output_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    tracker.finish(metrics, path)
+    return path
+
+
+def _score(task: TaskData, predictions: list[str]) -> float:
+    references = [ex.references for ex in task.test]
+    if len(predictions) != len(references):
+        raise RuntimeError(f"{task.name}: {len(predictions)} predictions for {len(references)} test items")
+    return score_task(task.kind, predictions, references)
+
+
+def format_matrix(results: dict) -> str:
+    """The accuracy matrix and metrics as a plain-text table for the terminal."""
+    names = results["order"]
+    width = max(6, *(len(n) for n in names)) if len(names) < 8 else 8
+    head = "after \\ on".ljust(12) + "".join(n[:width].rjust(width + 1) for n in names)
+    lines = [head]
+    for j, row in enumerate(results["matrix"]):
+        cells = "".join(("-" if v is None else f"{v:.1f}").rjust(width + 1) for v in row)
+        lines.append(f"{j + 1:>2} {names[j][:8]:<9}" + cells)
+    metrics = results["metrics"]
+    lines.append("  ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in metrics.items()))
+    return "\n".join(lines)

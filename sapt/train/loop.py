@@ -1,0 +1,62 @@
+"""One epoch of training on a DeepSpeed engine: batches in, loss curve and throughput out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class EpochStats:
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train_epoch(
+    engine,
+    method,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    log_every: int,
+    on_log: Callable[[int, float, float], None],
+) -> EpochStats:
+    """Runs ``method.loss`` + backward + step over ``batches`` (micro-batches).
+
+    Args:
+        on_log: called every ``log_every`` micro-batches with (step, mean recent loss, tokens/s).
+    """
+    engine.train()
+    stats = EpochStats()
+    recent: list[float] = []
+    start = time.perf_counter()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, _extra = method.loss(engine, batch)
+        engine.backward(loss)
+        engine.step()
+        stats.steps += 1
+        # Tokens the model actually reads and predicts, padding excluded.
+        stats.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
+        value = float(loss.detach())
+        stats.losses.append(value)
+        recent.append(value)
+        if stats.steps % log_every == 0:
+            elapsed = time.perf_counter() - start
+            on_log(stats.steps, sum(recent) / len(recent), stats.tokens / elapsed if elapsed else 0.0)
+            recent.clear()
+    stats.seconds = time.perf_counter() - start
+    return stats

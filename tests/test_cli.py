@@ -1,0 +1,78 @@
+"""The `sapt` command as users call it: exit codes, messages, machine-readable output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def sapt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sapt.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_metrics_prints_the_metrics_object(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"matrix": [[80, None], [40, 90]], "single": [70, 100]}))
+    out = sapt("metrics", str(path))
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    # AP (40+90)/2; F.Ra 80-40; FWT ((80-70)+(90-100))/2; BWT 40-80
+    assert metrics == {"AP": 65.0, "F.Ra": 40.0, "FWT": 0.0, "BWT": -40.0}
+
+
+def test_metrics_on_a_malformed_file_exits_2(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text("{not json")
+    out = sapt("metrics", str(path))
+    assert out.returncode == 2
+    assert "m.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def _write_task(root: Path, name: str, instances):
+    folder = root / "Long_Sequence" / name
+    folder.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.json").write_text(json.dumps({"Definition": ["Say yes or no."], "Instances": instances}))
+
+
+@pytest.mark.parametrize(
+    "case, overrides, expected",
+    [
+        ("missing data folder", ["data_dir=/no/such/folder", "order=[sst2]"], "/no/such/folder"),
+        ("unknown task", ["data_dir={data}", "order=[good,nosuchtask]"], "nosuchtask"),
+        ("malformed json", ["data_dir={data}", "order=[good,broken]"], "broken"),
+        ("empty task", ["data_dir={data}", "order=[good,empty]"], "empty"),
+        ("unknown method", ["method=magic"], "method"),
+        ("unknown backbone", ["backbone=embedded:nope"], "backbone"),
+        ("unknown key", ["trian.epochs=2"], "trian"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_culprit_and_registers_nothing(tmp_path, case, overrides, expected):
+    data = tmp_path / "bench"
+    _write_task(data, "good", [{"input": f"q{i}", "output": "yes"} for i in range(30)])
+    _write_task(data, "empty", [])
+    (data / "Long_Sequence" / "broken").mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (data / "Long_Sequence" / "broken" / f"{split}.json").write_text('{"Instances": [')
+    out_dir = tmp_path / "out"
+    args = [o.format(data=data) for o in overrides] + [f"output_dir={out_dir}", "val_size=5"]
+    out = sapt("run", "demo", *[x for a in args for x in ("--set", a)])
+    assert out.returncode == 2, (case, out.stderr[-2000:])
+    assert expected in out.stderr, (case, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    assert not (out_dir / "mlflow.db").exists()
+    assert out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("ray.address=127.0.0.1:1", "ray.address"), ("mlflow.tracking_uri=http://127.0.0.1:1", "mlflow.tracking_uri")],
+)
+def test_unreachable_services_exit_2_without_registering(tmp_path, override, expected):
+    out_dir = tmp_path / "out"
+    out = sapt("run", "demo", "--set", override, "--set", f"output_dir={out_dir}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert expected in out.stderr and "Traceback" not in out.stderr
+    assert not (out_dir / "mlflow.db").exists()
