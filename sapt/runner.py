@@ -37,11 +37,12 @@ def _single_scores(path: str, order: list[str]) -> list[float] | None:
     return single
 
 
-def _check_backbone(spec: str) -> None:
-    """Fails fast on a backbone that cannot load (and builds or warms an embedded one once, here)."""
+def _check_backbone(run: RunConfig, task_names: list[str]) -> None:
+    """Fails fast on a backbone that cannot load, and warms an embedded one up once, here,
+    so the workers on this node read it from the cache instead of each warming it up."""
     from sapt.backbones import load_backbone
 
-    load_backbone(spec)
+    load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
 
 
 def run_sequence(run: RunConfig) -> Path:
@@ -62,7 +63,7 @@ def run_sequence(run: RunConfig) -> Path:
     )
     names = [t.name for t in tasks]
     single = _single_scores(run.single_results, names)
-    _check_backbone(run.backbone)
+    _check_backbone(run, names)
     stages = method.stages(len(tasks))
 
     from sapt.cluster.session import ensure_ray

@@ -99,7 +99,7 @@ def train_stage(loop_config: dict) -> None:
     torch.manual_seed(run.seed + stage.row)
     label = f"[stage {stage.row + 1}/{len(task_names)} {'+'.join(task_names[i] for i in stage.train_tasks)}]"
 
-    backbone = load_backbone(run.backbone)
+    backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
     method = build_method(run.method, run.method_args, run.pet)
     with _checkpoint_dir(None if stage.fresh else loop_config.get("init_state")) as state_dir:
         model = method.build(backbone, state_dir, stage)

@@ -1,0 +1,135 @@
+"""Load a Hugging Face model (hub name or local folder) as a frozen ``Backbone``.
+
+Every failure a user can cause (a typo in a path, a model not in the offline cache, an architecture
+LoRA has no target names for) becomes a ``SaptError`` with source ``backbone``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from sapt.backbones.types import Backbone
+from sapt.errors import SaptError
+
+logger = logging.getLogger(__name__)
+
+# LoRA goes on the attention query and value projections only (sapt-method.md 1.4).
+_SEQ2SEQ_QV = {
+    model_type: ["q", "v"] for model_type in ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+}
+_PROJ_QV = {
+    model_type: ["q_proj", "v_proj"]
+    for model_type in (
+        "bart", "mbart", "marian", "pegasus", "blenderbot", "m2m_100", "nllb_moe",
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+        "gemma", "gemma2", "gemma3_text", "opt", "gptj", "olmo", "olmo2", "granite", "smollm3",
+    )
+}
+# Fused query/key/value projections: LoRA adapts the whole fused layer (k included).
+_FUSED_QKV = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
+              "falcon": ["query_key_value"], "phi3": ["qkv_proj"]}
+LORA_TARGETS: dict[str, list[str]] = {**_SEQ2SEQ_QV, **_PROJ_QV, **_FUSED_QKV}
+
+
+def lora_targets_for(model_type: str) -> list[str]:
+    """LoRA target module names for a ``config.model_type``.
+
+    Args:
+        model_type: the ``model_type`` field of a transformers config (``"t5"``, ``"llama"``).
+
+    Returns:
+        Module-name suffixes for ``peft.LoraConfig(target_modules=...)``.
+
+    Raises:
+        SaptError: the architecture has no known query/value projection names.
+    """
+    if model_type in LORA_TARGETS:
+        return list(LORA_TARGETS[model_type])
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    if model_type in peft_defaults:
+        return list(peft_defaults[model_type])
+    raise SaptError(
+        f"no LoRA target modules known for model_type {model_type!r}; supported: "
+        f"{', '.join(sorted(LORA_TARGETS))}",
+        source="backbone",
+    )
+
+
+def load_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> Backbone:
+    """Load a seq2seq or causal LM by hub name or local folder, frozen and in eval mode.
+
+    ``config.is_encoder_decoder`` picks ``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM``.
+    Causal LMs get left padding and a pad token (eos, else unk) if they have none.
+
+    Args:
+        spec: a local folder (``/models/t5-large``, ``./ckpt``) or a hub name (``google-t5/t5-small``).
+        cache_dir: the Hugging Face download cache to read from (default: HF's own).
+
+    Returns:
+        The backbone; ``identity`` is the spec plus the hub commit (when known) and a config hash.
+
+    Raises:
+        SaptError: the folder does not exist, the name is neither a folder nor in the local cache
+            (offline), the files cannot be loaded, or LoRA targets are unknown for the architecture.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = Path(spec).expanduser()
+    is_local = path.is_dir()
+    if not is_local and (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.exists()):
+        raise SaptError(f"backbone folder {spec!r} does not exist (or is not a folder)", source="backbone")
+    where = str(path) if is_local else spec
+    kwargs = {} if is_local or cache_dir is None else {"cache_dir": str(cache_dir)}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set: only models already in the local cache load)" if offline else ""
+        raise SaptError(
+            f"cannot load backbone {spec!r}: not a local folder and not loadable from the Hugging Face "
+            f"hub or its local cache{hint}: {_first_line(exc)}",
+            source="backbone",
+        ) from exc
+    targets = lora_targets_for(config.model_type)
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    auto_model = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = auto_model.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SaptError(f"cannot load backbone {spec!r}: {_first_line(exc)}", source="backbone") from exc
+
+    if not is_encoder_decoder:
+        tokenizer.padding_side = "left"  # generation appends on the right
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise SaptError(f"tokenizer of {spec!r} has no pad, eos or unk token", source="backbone")
+        tokenizer.pad_token = fallback
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    commit = getattr(config, "_commit_hash", None)
+    identity = f"{spec}@{commit[:12]}-{config_hash}" if commit else f"{spec}@{config_hash}"
+    logger.info("loaded backbone %s (%s, %s)", spec, config.model_type, identity)
+    return Backbone(
+        name=spec,
+        model=model,
+        tokenizer=tokenizer,
+        is_encoder_decoder=is_encoder_decoder,
+        lora_targets=targets,
+        identity=identity,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
