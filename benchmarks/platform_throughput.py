@@ -3,7 +3,7 @@
     python benchmarks/platform_throughput.py [--backbone embedded:tiny-t5] [--examples 800] [--batch 16]
 
 Both sides train the same LoRA on the same backbone, data, batch size and sequence lengths.
-Prints tokens/s of (a) a single-process loop, (b) Ray Train + DeepSpeed with 1 worker and with
+Prints tokens/s (last of 3 epochs) of (a) a single-process loop (all threads and 1 thread), (b) Ray Train + DeepSpeed with 1 worker and with
 N workers (aggregate), their ratios, and the fixed start-up cost of a run (Ray start, and per
 stage: worker group + DeepSpeed + data pipeline set-up, i.e. stage wall time not spent training
 or evaluating).
@@ -28,8 +28,10 @@ from sapt.data.loading import load_tasks  # noqa: E402
 from sapt.methods.lora import new_lora  # noqa: E402
 
 
-def plain_loop(run, examples) -> float:
-    """Single-process PyTorch + PEFT: the same loop a user would write by hand. Returns tokens/s."""
+def plain_loop(run, examples, threads: int) -> float:
+    """Single-process PyTorch + PEFT: the loop a user would write by hand. Returns tokens/s of the
+    last of ``run.train.epochs`` passes (the first pays one-off allocation costs)."""
+    torch.set_num_threads(threads)
     torch.manual_seed(run.seed)
     backbone = load_backbone(run.backbone)
     model = new_lora(backbone, run.pet)
@@ -40,14 +42,15 @@ def plain_loop(run, examples) -> float:
     size = run.train.batch_size
     batches = [collator.train_batch([e.source for e in examples[i : i + size]], [e.target for e in examples[i : i + size]])
                for i in range(0, len(examples), size)]
-    tokens, start = 0, time.perf_counter()
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
+    for _ in range(run.train.epochs):
+        tokens, start = 0, time.perf_counter()
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
     return tokens / (time.perf_counter() - start)
 
 
@@ -62,10 +65,10 @@ def platform(run, tasks, workers: int) -> tuple[float, float, float]:
     result = fit_stage(run, stage, tasks, init_state=None, storage_path=f"{run.output_dir}/ray",
                        name=f"bench-{workers}w-{int(time.time())}")
     wall = time.perf_counter() - start
-    epoch = result.history[0]
+    epoch = result.history[-1]  # the last epoch, as for the plain loop
     # Each worker trained on 1/workers of the data in about the same time: aggregate = per worker x N.
     aggregate = epoch["tokens_per_second"] * workers
-    return aggregate, wall, wall - epoch["seconds"]
+    return aggregate, wall, wall - sum(e["seconds"] for e in result.history)
 
 
 def main() -> None:
@@ -75,14 +78,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    run = load_config("demo", [f"backbone={args.backbone}", f"train.batch_size={args.batch}", "train.epochs=1",
+    run = load_config("demo", [f"backbone={args.backbone}", f"train.batch_size={args.batch}", "train.epochs=3",
                                f"max_train_per_task={args.examples}", "max_eval_per_task=8",
                                "output_dir=runs/bench", "order=[first-word]"])
     tasks = load_tasks(None, run.order, max_train_per_task=args.examples, max_eval_per_task=8,
                        val_size=run.val_size, seed=run.seed)
     examples = tasks[0].train
 
-    plain = plain_loop(run, examples)
+    plain_one = plain_loop(run, examples, threads=1)
+    plain = plain_loop(run, examples, threads=os.cpu_count() or 1)
+    torch.set_num_threads(os.cpu_count() or 1)
 
     from sapt.cluster.session import ensure_ray
 
@@ -94,8 +99,10 @@ def main() -> None:
 
     print(f"backbone {run.backbone}, {len(examples)} examples, batch {args.batch}/worker, {os.cpu_count()} CPUs")
     print(f"{'path':<38}{'tokens/s':>10}{'vs plain':>10}")
-    print(f"{'plain PyTorch + PEFT, 1 process':<38}{plain:>10,.0f}{1.0:>10.2f}")
-    print(f"{'Ray Train + DeepSpeed, 1 worker':<38}{one:>10,.0f}{one / plain:>10.2f}")
+    print(f"{f'plain PyTorch + PEFT, {os.cpu_count()} threads':<38}{plain:>10,.0f}{1.0:>10.2f}")
+    print(f"{'plain PyTorch + PEFT, 1 thread':<38}{plain_one:>10,.0f}{plain_one / plain:>10.2f}")
+    # Ray gives each worker OMP_NUM_THREADS = its CPUs (1 here): compare 1 worker with 1 thread.
+    print(f"{'Ray Train + DeepSpeed, 1 worker (1 CPU)':<38}{one:>10,.0f}{one / plain:>10.2f}")
     print(f"{f'Ray Train + DeepSpeed, {args.workers} workers':<38}{many:>10,.0f}{many / plain:>10.2f}")
     print(f"start-up: local Ray {ray_start:.1f}s; per stage (workers + DeepSpeed + data, not training) "
           f"{overhead_one:.1f}s with 1 worker, {overhead_many:.1f}s with {args.workers}")

@@ -34,6 +34,8 @@ def fit_stage(
             name: V2 resumes a run of the same (storage_path, name) from its latest checkpoint.
     """
     worker.quiet_ray_data()
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())  # Ray Train rejects relative local paths
     trainer = TorchTrainer(
         worker.train_stage,
         train_loop_config={
