@@ -14,6 +14,7 @@ from sapt.config import RunConfig
 from sapt.data.loading import load_tasks
 from sapt.data.types import TaskData
 from sapt.errors import SaptError
+from sapt.jsonfile import read_json_object
 from sapt.evaluation.metrics import cl_metrics, score_task
 from sapt.methods import build_method
 
@@ -25,13 +26,8 @@ def _single_scores(path: str, order: list[str]) -> list[float] | None:
     if not path:
         return None
     source = Path(path)
-    if not source.is_file():
-        raise SaptError("file not found", source="single_results", field=path)
-    try:
-        data = json.loads(source.read_text())
-    except json.JSONDecodeError as err:
-        raise SaptError(f"malformed JSON: {err}", source=str(source)) from None
-    single = data.get("single") if isinstance(data, dict) else None
+    data = read_json_object(source, missing="single_results: file not found")
+    single = data.get("single")
     if data.get("order") != order or not isinstance(single, list) or len(single) != len(order):
         raise SaptError("needs a `single` run's results over the same order", source=str(source), field="single")
     return single

@@ -39,9 +39,9 @@ def test_results_file_is_the_last_stdout_line(seq_lora_run):
 def test_seq_lora_learns_each_task_then_forgets_the_first(seq_lora_run):
     _, out_dir = seq_lora_run
     a = json.loads((out_dir / "results.json").read_text())["matrix"]
-    # Chance on the embedded tasks is far below 30 (one of 5 words, usually less).
+    # An untrained LoRA scores about 0 and any fixed word under 15; a learned task scores far above.
     assert a[0][0] >= 60, a
-    assert a[1][1] >= 60, a
+    assert a[1][1] >= 40, a  # the continuing LoRA learns its second task more slowly (measured 68-70)
     assert a[1][0] < a[0][0] - 20, a  # sequential LoRA overwrote task 1
     metrics = json.loads((out_dir / "results.json").read_text())["metrics"]
     assert metrics["F.Ra"] == pytest.approx(a[0][0] - a[1][0])

@@ -6,7 +6,6 @@ Layout and schema: sapt-method.md 4.1-4.2. Only ``Definition[0]``, ``input`` and
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import random
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from sapt.data.templates import long_sequence_prompt, superni_prompt
 from sapt.data.types import Example, TaskData, TaskKind
 from sapt.errors import SaptError
+from sapt.jsonfile import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +179,7 @@ def _check_caps(*, max_train: int | None, max_eval: int | None, val_size: int) -
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SaptError("split file missing", source=str(path))
-    try:
-        doc = json.loads(path.read_bytes())
-    except json.JSONDecodeError as err:
-        raise SaptError(
-            f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}", source=str(path)
-        ) from None
-    except UnicodeDecodeError as err:
-        raise SaptError(f"not UTF-8 text: {err}", source=str(path)) from None
-    if not isinstance(doc, dict):
-        raise SaptError(f"expected a JSON object at top level, got {type(doc).__name__}", source=str(path))
-    return doc
+    return read_json_object(path, missing="split file missing")
 
 
 def _definition(doc: dict[str, Any], path: Path) -> str:

@@ -6,7 +6,6 @@ sapt-method.md section 5, with the departures noted where they occur.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sapt.errors import SaptError
+from sapt.jsonfile import read_json_object
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _scorer: Any = None  # rouge_score.RougeScorer, built on first use (importing nltk takes a second)
@@ -148,18 +148,7 @@ def load_matrix_file(path: str | Path) -> dict[str, Any]:
         SaptError: the file is missing, is not valid JSON, or lacks a well-formed "matrix".
     """
     file = Path(path)
-    if not file.is_file():
-        raise SaptError("file not found", source=str(file))
-    try:
-        doc = json.loads(file.read_bytes())
-    except json.JSONDecodeError as err:
-        raise SaptError(
-            f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}", source=str(file)
-        ) from None
-    except UnicodeDecodeError as err:
-        raise SaptError(f"not UTF-8 text: {err}", source=str(file)) from None
-    if not isinstance(doc, dict):
-        raise SaptError("expected a JSON object with a \"matrix\" key", source=str(file))
+    doc = read_json_object(file)
     if "matrix" not in doc:
         raise SaptError("missing key", source=str(file), field="matrix")
     single = doc.get("single")
