@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -35,7 +34,6 @@ ENGINE_DIR = "engine"  # DeepSpeed engine + optimizer state, for resuming within
 PREDICTIONS_FILE = "predictions.json"
 HISTORY_FILE = "history.json"
 
-log = logging.getLogger("sapt.worker")
 
 
 def _say(rank: int, message: str) -> None:
