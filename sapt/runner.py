@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+from sapt.backbones import check_backbone
 from sapt.config import RunConfig
 from sapt.data.loading import load_tasks
 from sapt.data.types import TaskData
@@ -33,14 +34,6 @@ def _single_scores(path: str, order: list[str]) -> list[float] | None:
     return single
 
 
-def _check_backbone(run: RunConfig, task_names: list[str]) -> None:
-    """Fails fast on a backbone that cannot load, and warms an embedded one up once, here,
-    so the workers on this node read it from the cache instead of each warming it up."""
-    from sapt.backbones import load_backbone
-
-    load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
-
-
 def run_sequence(run: RunConfig) -> Path:
     """Runs the whole sequence and returns the path of results.json.
 
@@ -59,7 +52,8 @@ def run_sequence(run: RunConfig) -> Path:
     )
     names = [t.name for t in tasks]
     single = _single_scores(run.single_results, names)
-    _check_backbone(run, names)
+    # Embedded backbones warm up once here, so this node's workers read them from the cache.
+    check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names)
     stages = method.stages(len(tasks))
 
     from sapt.cluster.session import ensure_ray

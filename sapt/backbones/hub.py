@@ -59,24 +59,9 @@ def lora_targets_for(model_type: str) -> list[str]:
     )
 
 
-def load_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> Backbone:
-    """Load a seq2seq or causal LM by hub name or local folder, frozen and in eval mode.
-
-    ``config.is_encoder_decoder`` picks ``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM``.
-    Causal LMs get left padding and a pad token (eos, else unk) if they have none.
-
-    Args:
-        spec: a local folder (``/models/t5-large``, ``./ckpt``) or a hub name (``google-t5/t5-small``).
-        cache_dir: the Hugging Face download cache to read from (default: HF's own).
-
-    Returns:
-        The backbone; ``identity`` is the spec plus the hub commit (when known) and a config hash.
-
-    Raises:
-        SaptError: the folder does not exist, the name is neither a folder nor in the local cache
-            (offline), the files cannot be loaded, or LoRA targets are unknown for the architecture.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+def _resolve(spec: str, cache_dir: str | os.PathLike | None):
+    """Finds the model and reads its config only: (where to load from, from_pretrained kwargs, config)."""
+    from transformers import AutoConfig
 
     path = Path(spec).expanduser()
     is_local = path.is_dir()
@@ -94,6 +79,39 @@ def load_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) 
             f"hub or its local cache{hint}: {_first_line(exc)}",
             source="backbone",
         ) from exc
+    return where, kwargs, config
+
+
+def check_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> None:
+    """What ``load_hub_backbone`` checks before reading any weights: the model exists and LoRA can adapt it.
+
+    Raises:
+        SaptError: as ``load_hub_backbone`` for a missing model or an unknown architecture.
+    """
+    _, _, config = _resolve(spec, cache_dir)
+    lora_targets_for(config.model_type)
+
+
+def load_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> Backbone:
+    """Load a seq2seq or causal LM by hub name or local folder, frozen and in eval mode.
+
+    ``config.is_encoder_decoder`` picks ``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM``.
+    Causal LMs get left padding and a pad token (eos, else unk) if they have none.
+
+    Args:
+        spec: a local folder (``/models/t5-large``, ``./ckpt``) or a hub name (``google-t5/t5-small``).
+        cache_dir: the Hugging Face download cache to read from (default: HF's own).
+
+    Returns:
+        The backbone; ``identity`` is the spec plus the hub commit (when known) and a config hash.
+
+    Raises:
+        SaptError: the folder does not exist, the name is neither a folder nor in the local cache
+            (offline), the files cannot be loaded, or LoRA targets are unknown for the architecture.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    where, kwargs, config = _resolve(spec, cache_dir)
     targets = lora_targets_for(config.model_type)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     auto_model = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM

@@ -35,7 +35,6 @@ PREDICTIONS_FILE = "predictions.json"
 HISTORY_FILE = "history.json"
 
 
-
 def _say(rank: int, message: str) -> None:
     """Progress goes to stderr from rank 0 only; Ray forwards it to the driver's stderr."""
     if rank == 0:
@@ -99,7 +98,7 @@ def train_stage(loop_config: dict) -> None:
 
     backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
     method = build_method(run.method, run.method_args, run.pet)
-    with _checkpoint_dir(None if stage.fresh else loop_config.get("init_state")) as state_dir:
+    with _checkpoint_dir(loop_config.get("init_state")) as state_dir:  # the runner sends None for a fresh stage
         model = method.build(backbone, state_dir, stage)
     model.to(device)
     use_bf16 = run.train.precision == "bf16"
