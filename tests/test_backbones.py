@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -211,10 +212,30 @@ def test_warmup_trains_all_but_the_embedding_and_learns(spec):
     assert len(changed) > 5
 
 
-def test_warmup_needs_a_budget():
-    with pytest.raises(ValueError):
+def test_warmup_needs_a_step_budget():
+    with pytest.raises(ValueError, match="steps"):
         span_reconstruction_warmup(build_model(SMALL_T5), embedded_tokenizer(causal=False), ["a b"],
-                                   is_encoder_decoder=True)
+                                   is_encoder_decoder=True, steps=0)
+
+
+def test_warmup_runs_on_the_threads_asked_then_restores_them_and_logs_progress(caplog):
+    model = build_model(SMALL_T5)
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with caplog.at_level(logging.INFO, logger="sapt.backbones.warmup"):
+            span_reconstruction_warmup(model, embedded_tokenizer(causal=False), ["alpha beta gamma"],
+                                       is_encoder_decoder=True, steps=3, batch_size=2, num_threads=1,
+                                       progress_every_s=0)
+        assert seen == [1, 1, 1]
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    progress = [r.getMessage() for r in caplog.records if "warm-up step" in r.getMessage()]
+    assert [m.split()[2] for m in progress] == ["1/3", "2/3", "3/3"]
+    assert "done in" in progress[-1]
 
 
 def test_causal_warmup_loss_equals_the_full_model_loss():

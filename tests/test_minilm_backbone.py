@@ -12,6 +12,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from sapt.backbones.minilm import (
+    WARMUP_STEPS,
     build_minilm_seq2seq,
     build_settings,
     corpus_spec,
@@ -67,7 +68,6 @@ def _build(data_dir, cache_dir, exclude=("gamma",)):
         cache_dir=cache_dir,
         data_dir=str(data_dir),
         exclude_tasks=list(exclude),
-        warmup_seconds=None,
         warmup_steps=2,
     )
 
@@ -111,24 +111,27 @@ def test_unknown_or_all_excluded_tasks_are_errors(data_dir):
 
 
 def test_cache_key_follows_corpus_tasks_and_warmup_settings(data_dir, backbone):
-    def key(exclude=("gamma",), seconds=None, steps=2, seed=0):
-        settings = build_settings(
-            data_dir=str(data_dir),
-            exclude_tasks=exclude,
-            warmup_seconds=seconds,
-            warmup_steps=steps,
-            seed=seed,
-        )
+    def key(exclude=("gamma",), steps=2, seed=0):
+        settings = build_settings(data_dir=str(data_dir), exclude_tasks=exclude, warmup_steps=steps, seed=seed)
         return settings_key(settings)
 
     base = key()
     assert backbone.identity == f"embedded:minilm-t5@{base}"
     assert key(exclude=["gamma"]) == base  # a list or a tuple, same tasks
-    variants = [key(exclude=["beta"]), key(exclude=()), key(steps=3), key(seconds=9.0), key(seed=1)]
-    assert len({base, *variants}) == 6
+    variants = [key(exclude=["beta"]), key(exclude=()), key(steps=3), key(seed=1)]
+    assert len({base, *variants}) == 5
     assert key(exclude=()) != settings_key(
-        build_settings(data_dir=None, exclude_tasks=(), warmup_seconds=None, warmup_steps=2, seed=0)
+        build_settings(data_dir=None, exclude_tasks=(), warmup_steps=2, seed=0)
     )
+
+
+def test_warmup_is_step_limited_on_one_thread(data_dir):
+    settings = build_settings(data_dir=str(data_dir), exclude_tasks=["gamma"], warmup_steps=WARMUP_STEPS, seed=0)
+    assert settings["warmup"]["steps"] == WARMUP_STEPS  # in the cache key
+    assert settings["warmup"]["threads"] == 1
+    assert not any("second" in k for k in settings["warmup"])  # no wall-clock budget
+    with pytest.raises(ValueError, match="warmup_steps"):
+        build_minilm_seq2seq(data_dir=str(data_dir), exclude_tasks=["gamma"], warmup_steps=0)
 
 
 def test_backbone_is_frozen_and_encoder_is_the_pretrained_one(backbone):
@@ -224,10 +227,8 @@ def test_load_backbone_passes_data_dir_and_exclusions(data_dir, cache_dir, backb
     from sapt.backbones import EMBEDDED_BACKBONES, load_backbone
 
     assert "embedded:minilm-t5" in EMBEDDED_BACKBONES
-    # Pre-fill the entry of the default recipe (240 s) with the 2-step weights, so no warm-up runs.
-    settings = build_settings(
-        data_dir=str(data_dir), exclude_tasks=["gamma"], warmup_seconds=240, warmup_steps=None, seed=0
-    )
+    # Pre-fill the entry of the default recipe (WARMUP_STEPS) with the 2-step weights: no warm-up runs.
+    settings = build_settings(data_dir=str(data_dir), exclude_tasks=["gamma"], warmup_steps=WARMUP_STEPS, seed=0)
     key = settings_key(settings)
     source = Path(cache_dir) / f"minilm-t5-{backbone.identity.split('@')[1]}"
     shutil.copytree(source, tmp_path / f"minilm-t5-{key}")

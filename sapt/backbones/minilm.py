@@ -39,10 +39,16 @@ LORA_TARGETS = ["query", "value"]
 # from the encoder's bottom layers (see _assemble). Dropout is off: warm-up sees a fresh sample
 # every step, so dropout would only slow it down.
 _DECODER = {"layers": 2, "hidden": 384, "heads": 12, "ffn": 1536, "dropout": 0.0, "init": "encoder-bottom"}
-# Warm-up recipe (see build_minilm_seq2seq). Part of the cache key. On 2 shared CPU cores a step
-# costs about a second, so the budget buys a few hundred steps: small batches give more updates,
-# and 3e-3 or 6e-3 learned slower than 1e-3 over the first 60 steps.
-_WARMUP = {"batch_size": 16, "lr": 1e-3, "copy_prob": 0.2}
+# Warm-up recipe (see build_minilm_seq2seq). Part of the cache key, with the step count. Small
+# batches give more updates per second; 3e-3 or 6e-3 learned slower than 1e-3 over the first 60
+# steps. One torch thread: on 2 shared cores a step took 0.6-1.1 s with 1 thread and 0.4-4.2 s
+# with 2 (mean 0.8 vs 1.9 s while another Ray job ran), and a fixed thread count keeps the float
+# results independent of the machine's core count.
+_WARMUP = {"batch_size": 16, "lr": 1e-3, "copy_prob": 0.2, "threads": 1}
+# The step count replaces the earlier 240 s budget, which bought 83 steps in one run and 371 in
+# another under the same cache key, depending on load (a 60 s LoRA probe on sst2 then scored 0 and
+# 71.5). 360 steps took 229 s on 2 shared cores at 1 thread (0.62-0.71 s/step).
+WARMUP_STEPS = 360
 # Corpus shaping: inputs are cut into runs of at most this many words, since whole-run copies set
 # the padded target length and the decoder's cost per step (a 30k-word softmax per position); each
 # task gives at most this many runs, so that a few long-document tasks do not drown the others.
@@ -164,20 +170,19 @@ def build_settings(
     *,
     data_dir: str | os.PathLike | None,
     exclude_tasks: Sequence[str],
-    warmup_seconds: float | None,
-    warmup_steps: int | None,
+    warmup_steps: int,
     seed: int,
 ) -> dict:
     """Everything that decides the warmed-up weights; its ``settings_key`` is the cache key.
 
-    Encoder file hash, decoder shape, corpus (``corpus_spec``), warm-up recipe and limits, seed.
-    Arguments as for ``build_minilm_seq2seq``.
+    Encoder file hash, decoder shape, corpus (``corpus_spec``), warm-up recipe (threads included)
+    and step count, seed. Arguments as for ``build_minilm_seq2seq``.
     """
     return {
         "encoder": _file_digest(str(encoder_folder() / "model.safetensors")),
         "decoder": _DECODER,
         "corpus": corpus_spec(data_dir, exclude_tasks),
-        "warmup": {**_WARMUP, "seconds": warmup_seconds, "steps": warmup_steps},
+        "warmup": {**_WARMUP, "steps": warmup_steps},
         "seed": seed,
     }
 
@@ -187,8 +192,7 @@ def build_minilm_seq2seq(
     cache_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None,
     exclude_tasks: Sequence[str],
-    warmup_seconds: float | None = 240,
-    warmup_steps: int | None = None,
+    warmup_steps: int = WARMUP_STEPS,
     seed: int = 0,
 ) -> Backbone:
     """Build ``embedded:minilm-t5``: pretrained MiniLM encoder + warmed-up 2-layer decoder, frozen.
@@ -219,28 +223,27 @@ def build_minilm_seq2seq(
         data_dir: the CL_Benchmark folder whose training inputs form the warm-up corpus, or None.
         exclude_tasks: task folder names never used for warm-up (the tasks being evaluated).
             Exact names; each must exist under ``data_dir``.
-        warmup_seconds: warm-up wall-clock budget; None for no time limit.
-        warmup_steps: warm-up optimizer steps; None for no step limit. With both, the first limit
-            reached stops it; steps alone are reproducible.
+        warmup_steps: warm-up optimizer steps (default ``WARMUP_STEPS``, about 4 min on 2 CPU
+            cores); part of the cache key. There is no time limit, so the weights do not depend
+            on the machine's load.
         seed: seeds the decoder's initial weights, the corpus sample and the warm-up.
 
     Returns:
         The backbone, in eval mode with every parameter frozen; its identity
         ``embedded:minilm-t5@<key>`` carries the cache key, a hash of the encoder file, decoder
-        shape, corpus tasks (with file sizes), warm-up settings and seed.
+        shape, corpus tasks (with file sizes), warm-up settings and step count, and seed.
 
     Raises:
         SaptError: the encoder package is missing, a bad ``data_dir``/``exclude_tasks`` (see
             ``corpus_spec``), or an unreadable cache entry.
-        ValueError: neither ``warmup_seconds`` nor ``warmup_steps`` given.
+        ValueError: ``warmup_steps`` below 1.
     """
-    if warmup_seconds is None and warmup_steps is None:
-        raise ValueError("give warmup_seconds or warmup_steps")
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
     folder = encoder_folder()
     settings = build_settings(
         data_dir=data_dir,
         exclude_tasks=exclude_tasks,
-        warmup_seconds=warmup_seconds,
         warmup_steps=warmup_steps,
         seed=seed,
     )
@@ -259,12 +262,12 @@ def build_minilm_seq2seq(
             texts,
             is_encoder_decoder=True,
             steps=warmup_steps,
-            seconds=warmup_seconds,
             seed=seed,
             batch_size=_WARMUP["batch_size"],
             lr=_WARMUP["lr"],
             copy_prob=_WARMUP["copy_prob"],
             train_embeddings=False,
+            num_threads=_WARMUP["threads"],
         )
         tail = losses[-20:]
         mean = sum(tail) / len(tail)

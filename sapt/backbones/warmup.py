@@ -130,14 +130,15 @@ def span_reconstruction_warmup(
     texts: Sequence[str],
     *,
     is_encoder_decoder: bool,
-    steps: int | None = None,
-    seconds: float | None = None,
+    steps: int,
     seed: int = 0,
     batch_size: int = 32,
     lr: float = 1e-3,
     copy_prob: float = 0.3,
     markers: tuple[str, str] = ("[", "]"),
     train_embeddings: bool = True,
+    num_threads: int | None = None,
+    progress_every_s: float = 30.0,
 ) -> list[float]:
     """Pretrain a whole model to copy out a marked span of its input.
 
@@ -153,9 +154,8 @@ def span_reconstruction_warmup(
         texts: whitespace-separated word sequences to sample from.
         is_encoder_decoder: True for T5-style models (source to the encoder, span as labels);
             False for decoder-only ones (source + span in one sequence, loss on the span only).
-        steps: number of optimizer steps. At least one of ``steps`` and ``seconds`` is required;
-            with both, training stops at whichever comes first. Only ``steps`` is reproducible.
-        seconds: wall-clock budget.
+        steps: number of optimizer steps (no wall-clock budget: the result must not depend on the
+            machine's load, since it is cached under a key of its settings).
         seed: seeds the sampling of texts and spans, and torch.
         batch_size: examples per step.
         lr: AdamW learning rate (constant).
@@ -164,15 +164,19 @@ def span_reconstruction_warmup(
         train_embeddings: also train the input embedding (and a tied output layer), when ``model``
             has ``get_input_embeddings``. Off, a step is cheaper and copying generalizes to words
             never seen in warm-up, since each word keeps its random vector.
+        num_threads: torch intra-op threads while it runs (the previous count is restored after);
+            None leaves torch's setting. One thread keeps a step's cost steady on a busy machine,
+            and the float results independent of the core count.
+        progress_every_s: seconds between progress log lines (step, loss, time left).
 
     Returns:
         The training loss of every step.
 
     Raises:
-        ValueError: neither ``steps`` nor ``seconds`` given, or no text with a word.
+        ValueError: ``steps`` below 1, or no text with a word.
     """
-    if steps is None and seconds is None:
-        raise ValueError("give steps or seconds")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     word_lists = [text.split() for text in texts]
     word_lists = [words for words in word_lists if words]
     if not word_lists:
@@ -187,22 +191,44 @@ def span_reconstruction_warmup(
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses: list[float] = []
-    deadline = None if seconds is None else time.perf_counter() + seconds
-    # fork_rng: dropout draws are seeded here without touching the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        while (steps is None or len(losses) < steps) and (deadline is None or time.perf_counter() < deadline):
-            pairs = [_marked_span(rng.choice(word_lists), rng, copy_prob, markers) for _ in range(batch_size)]
-            batch = {k: v.to(device) for k, v in _batch(tokenizer, pairs, is_encoder_decoder).items()}
-            loss = model(**batch).loss if is_encoder_decoder else _causal_span_loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if len(losses) % 200 == 0:
-                logger.info("warm-up step %d loss %.3f", len(losses), sum(losses[-50:]) / 50)
+    previous_threads = torch.get_num_threads()
+    logger.info("warm-up: %d steps of %d examples, %d torch thread(s)", steps, batch_size,
+                num_threads or previous_threads)
+    start = last_log = time.perf_counter()
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        # fork_rng: dropout draws are seeded here without touching the caller's random stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            while len(losses) < steps:
+                pairs = [_marked_span(rng.choice(word_lists), rng, copy_prob, markers) for _ in range(batch_size)]
+                batch = {k: v.to(device) for k, v in _batch(tokenizer, pairs, is_encoder_decoder).items()}
+                loss = model(**batch).loss if is_encoder_decoder else _causal_span_loss(model, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                now = time.perf_counter()
+                if now - last_log >= progress_every_s and len(losses) < steps:
+                    last_log = now
+                    _log_progress(losses, steps, now - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+    _log_progress(losses, steps, time.perf_counter() - start)
     model.eval()
     return losses
+
+
+def _log_progress(losses: list[float], steps: int, elapsed: float) -> None:
+    done = len(losses)
+    recent = losses[-50:]
+    per_step = elapsed / done
+    left = (steps - done) * per_step
+    logger.info(
+        "warm-up step %d/%d loss %.3f, %.2f s/step, %s", done, steps, sum(recent) / len(recent), per_step,
+        f"about {left / 60:.1f} min left" if done < steps else f"done in {elapsed:.0f} s",
+    )
 
 
 def _causal_span_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
