@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from sapt.data.types import TaskData
 from sapt.errors import SaptError
 from sapt.jsonfile import read_json_object
 from sapt.evaluation.metrics import cl_metrics, score_task
+from sapt.evaluation.routing import RoutingRecord
 from sapt.methods import build_method
+from sapt.methods.base import Method
 
 log = logging.getLogger("sapt.runner")
 
@@ -68,20 +71,30 @@ def run_sequence(run: RunConfig) -> Path:
                               run.model_dump(mode="json"), names)
     storage = run.ray.storage_path or str((output_dir / "ray").resolve())
     matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
+    routing = RoutingRecord(len(tasks))
+    memory_spec = method.memory()
+    memory: dict[int, list[dict]] = {}  # task index -> what the method keeps of it
     state: str | None = None
     started = time.perf_counter()
     try:
         for number, stage in enumerate(stages):
             trained = [names[i] for i in stage.train_tasks]
             log.info("stage %d/%d: training on %s", number + 1, len(stages), ", ".join(trained))
+            newest = stage.train_tasks[-1]
+            needs_memory = memory_spec is not None and number + 1 < len(stages)
             result = fit_stage(run, stage, tasks, init_state=None if stage.fresh else state, storage_path=storage,
-                               name=f"{tracker.run_id}-stage{number + 1:02d}")
+                               name=f"{tracker.run_id}-stage{number + 1:02d}", memory=memory_spec,
+                               memory_rows=[r for i in sorted(memory) if i < newest for r in memory[i]],
+                               needs_memory=needs_memory)
             state = result.checkpoint_path
             scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
             for i, value in scores.items():
                 matrix[stage.row][i] = value
             log.info("after %s: %s", "+".join(trained), ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items()))
-            tracker.stage(stage.row, trained, scores, result.history, matrix)
+            routing.add(stage.row, result.attention, names)
+            tracker.stage(stage.row, trained, scores, result.history, matrix, routing)
+            if needs_memory:
+                memory[newest] = _remember(run, method, tasks, newest, result.generator_path, output_dir)
     except BaseException:
         tracker.fail()
         raise
@@ -95,13 +108,44 @@ def run_sequence(run: RunConfig) -> Path:
         "matrix": matrix,
         "single": single,
         "metrics": metrics,
+        **routing.results(),
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
         "seconds": round(time.perf_counter() - started, 1),
     }
     path = output_dir / "results.json"
     path.write_text(json.dumps(results, indent=2))
-    tracker.finish(metrics, path)
+    tracker.finish(metrics, path, routing)
     return path
+
+
+def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int, generator_path: str | None,
+              output_dir: Path) -> list[dict]:
+    """What the method keeps of finished task ``index``: a share of its real training items, or pseudo
+    prompts from its generator (Ray Data batch inference). Written to output_dir/memory/ too."""
+    spec = method.memory()
+    task = tasks[index]
+    count = max(1, int(spec.fraction * len(task.train)))
+    if spec.source == "real":
+        picks = random.Random(run.seed * 7919 + index).sample(task.train, min(count, len(task.train)))
+        rows = [{"task": index, "source": ex.source, "target": ex.target} for ex in picks]
+    else:
+        from sapt.cluster.pseudo import generate_pseudo_prompts
+
+        if generator_path is None:
+            raise RuntimeError(f"{task.name}: the stage saved no pseudo-sample generator")
+        log.info("generating %d pseudo prompts of %s", count, task.name)
+        rows = generate_pseudo_prompts(
+            backbone=run.backbone, data_dir=run.data_dir or None, exclude_tasks=[t.name for t in tasks],
+            generator_path=generator_path, settings=method.generator_settings(), task=index, count=count,
+            seed=run.seed * 7919 + index,
+        )
+        rows = [{**r, "target": ""} for r in rows]
+        if not rows:
+            raise RuntimeError(f"{task.name}: the generator produced only empty prompts")
+    folder = output_dir / "memory"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{index + 1:02d}-{task.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def _score(task: TaskData, predictions: list[str]) -> float:

@@ -10,10 +10,10 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sapt.cluster import worker
-from sapt.cluster.datasets import eval_dataset, train_dataset
+from sapt.cluster.datasets import eval_dataset, memory_dataset, train_dataset, validation_dataset
 from sapt.config import RunConfig
 from sapt.data.types import TaskData
-from sapt.methods.base import Stage
+from sapt.methods.base import MemorySpec, Stage
 
 
 @dataclass
@@ -21,10 +21,13 @@ class StageResult:
     checkpoint_path: str  # the final checkpoint: method state for the next stage
     predictions: dict[str, list[str]]  # task name -> one answer per test item
     history: list[dict]  # per-epoch training stats
+    attention: dict | None  # routing diagnostics of methods that route (worker.ATTENTION_FILE)
+    generator_path: str | None  # ARM: the newest task's pseudo-sample generator (a PEFT adapter folder)
 
 
 def fit_stage(
-    run: RunConfig, stage: Stage, tasks: list[TaskData], *, init_state: str | None, storage_path: str, name: str
+    run: RunConfig, stage: Stage, tasks: list[TaskData], *, init_state: str | None, storage_path: str, name: str,
+    memory: MemorySpec | None = None, memory_rows: list[dict] | None = None, needs_memory: bool = False,
 ) -> StageResult:
     """Trains and evaluates one stage on Ray Train workers running DeepSpeed.
 
@@ -32,10 +35,21 @@ def fit_stage(
         init_state: the previous stage's final checkpoint path (None to start from the backbone).
         storage_path, name: where Ray Train keeps this stage's checkpoints. Each stage gets its own
             name: V2 resumes a run of the same (storage_path, name) from its latest checkpoint.
+        memory, memory_rows: the method's memory spec and what it holds of earlier tasks: replayed
+            items join the training stream, reflected inputs go to every worker whole.
+        needs_memory: a later stage will want this stage's task remembered (train its generator).
     """
     worker.quiet_ray_data()
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())  # Ray Train rejects relative local paths
+    replay = memory_rows if memory is not None and memory.use == "replay" else None
+    datasets = {
+        "train": train_dataset(tasks, stage, run.seed, replay=replay),
+        "eval": eval_dataset(tasks, stage),
+        "val": validation_dataset(tasks, stage),
+    }
+    if memory is not None and memory.use == "reflect" and memory_rows:
+        datasets["memory"] = memory_dataset(memory_rows)
     trainer = TorchTrainer(
         worker.train_stage,
         train_loop_config={
@@ -43,6 +57,7 @@ def fit_stage(
             "stage": stage.to_dict(),
             "task_names": [t.name for t in tasks],
             "init_state": init_state,
+            "needs_memory": needs_memory,
         },
         torch_config=TorchConfig(backend="nccl" if run.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -56,11 +71,15 @@ def fit_stage(
             failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": train_dataset(tasks, stage, run.seed), "eval": eval_dataset(tasks, stage)},
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
         predictions = json.loads((Path(directory) / worker.PREDICTIONS_FILE).read_text())
         history = json.loads((Path(directory) / worker.HISTORY_FILE).read_text())
-    return StageResult(checkpoint_path=result.checkpoint.path, predictions=predictions, history=history)
+        attention_file = Path(directory) / worker.ATTENTION_FILE
+        attention = json.loads(attention_file.read_text()) if attention_file.exists() else None
+    generator = Path(result.checkpoint.path) / worker.GENERATOR_DIR
+    return StageResult(checkpoint_path=result.checkpoint.path, predictions=predictions, history=history,
+                       attention=attention, generator_path=str(generator) if generator.is_dir() else None)

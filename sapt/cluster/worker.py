@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -27,18 +28,24 @@ from sapt.config import RunConfig
 from sapt.data.collate import Collator
 from sapt.evaluation.generate import generate_answers
 from sapt.methods import build_method
-from sapt.methods.base import Stage
+from sapt.methods.base import Method, Stage
+from sapt.methods.pseudo_generator import GENERATOR_DIR, generator_batch, generator_collator, new_generator
 
 STATE_DIR = "state"  # method.save output inside a checkpoint
 ENGINE_DIR = "engine"  # DeepSpeed engine + optimizer state, for resuming within a task
 PREDICTIONS_FILE = "predictions.json"
 HISTORY_FILE = "history.json"
+ATTENTION_FILE = "attention.json"  # routing diagnostics, for methods that route
 
 
 def _say(rank: int, message: str) -> None:
-    """Progress goes to stderr from rank 0 only; Ray forwards it to the driver's stderr."""
+    """Progress goes to stderr from rank 0 only; Ray forwards it to the driver's stderr.
+
+    Not ``print``: Train V2 patches print to also log the line, which shows it twice on the driver.
+    """
     if rank == 0:
-        print(message, file=sys.stderr, flush=True)
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager
@@ -114,8 +121,9 @@ def train_stage(loop_config: dict) -> None:
             history = json.loads((Path(directory) / HISTORY_FILE).read_text())
         _say(rank, f"{label} resumed after epoch {len(history)}")
 
-    # [1] This worker's shard of the stage's training stream.
+    # [1] This worker's shard of the stage's training stream, and the remembered inputs of earlier tasks.
     shard = ray.train.get_dataset_shard("train")
+    reflect = _reflect_sampler(collator, run.train.batch_size, seed=run.seed + 104729 * stage.row + rank)
     for epoch in range(len(history), run.train.epochs):
 
         def progress(step: int, loss: float, tps: float, epoch=epoch) -> None:
@@ -127,10 +135,12 @@ def train_stage(loop_config: dict) -> None:
             local_shuffle_buffer_size=256,
             local_shuffle_seed=run.seed + 7919 * epoch + rank,
         )
-        stats = train_epoch(engine, method, batches, device=device, log_every=run.train.log_every, on_log=progress)
+        stats = train_epoch(engine, method, batches, device=device, log_every=run.train.log_every, on_log=progress,
+                            reflect=reflect)
         history.append(
             {"epoch": epoch + 1, "steps": stats.steps, "loss": stats.mean_loss, "losses": stats.losses,
-             "tokens": stats.tokens, "seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second}
+             "tokens": stats.tokens, "seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second,
+             "terms": {k: sum(v) / len(v) for k, v in stats.terms.items()}}
         )
         _say(rank, f"{label} epoch {epoch + 1} done: {stats.steps} steps, loss {stats.mean_loss:.4f}, "
                    f"{stats.tokens_per_second:,.0f} tok/s/worker, {stats.seconds:.1f}s")
@@ -147,7 +157,9 @@ def train_stage(loop_config: dict) -> None:
                 checkpoint_dir_name=f"epoch-{epoch + 1:03d}",
             )
 
-    predictions = _evaluate(engine, collator, run, rank, world, device, task_names, label)
+    synced = run.train.zero_stage == 3 and world > 1
+    remembered = _remember_attention(engine.module, method, collator, run, rank, world, device, synced, stage)
+    predictions, attention = _evaluate(engine, method, collator, run, rank, world, device, task_names, label)
     # [4] The stage's result: state for the next stage, predictions for the driver to score.
     with tempfile.TemporaryDirectory() as tmp:
         with _whole_trainable(engine, run.train.zero_stage):
@@ -155,6 +167,12 @@ def train_stage(loop_config: dict) -> None:
                 method.save(engine.module, Path(tmp) / STATE_DIR)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 (Path(tmp) / PREDICTIONS_FILE).write_text(json.dumps(predictions))
+                if attention is not None:
+                    attention["remembered"] = remembered
+                    (Path(tmp) / ATTENTION_FILE).write_text(json.dumps(attention))
+        del engine  # the generator below needs the memory more
+        if method.memory() is not None and method.memory().source == "pseudo" and loop_config.get("needs_memory"):
+            _train_generator(run, method, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR)
         ray.train.report(
             {"epoch": run.train.epochs, "evaluated": 1},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -162,43 +180,170 @@ def train_stage(loop_config: dict) -> None:
         )
 
 
-def _evaluate(engine, collator, run, rank, world, device, task_names, label) -> dict[str, list[str]]:
-    """Greedy-decodes this rank's share of the test prompts; rank 0 returns everyone's, by task."""
+def _my_rows(dataset: str, rank: int, world: int) -> list[tuple[int, int, str]]:
+    """This rank's (task, item, source) rows of an unsplit dataset: those with id % world == rank."""
     rows = []
-    for batch in ray.train.get_dataset_shard("eval").iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in ray.train.get_dataset_shard(dataset).iter_batches(batch_size=4096, batch_format="numpy"):
         for ident, task, item, source in zip(batch["id"], batch["task"], batch["item"], batch["source"]):
-            if int(ident) % world == rank:
+            if int(ident) >= 0 and int(ident) % world == rank:
                 rows.append((int(task), int(item), str(source)))
-    size = run.eval.batch_size
+    return rows
+
+
+def _chunks(rows: list, size: int, synced: bool, device) -> tuple[list[list], int]:
+    """Batches of ``rows``; under ZeRO-3 every rank gets as many (padded with fillers), since weights
+    are gathered collectively. Returns (chunks, how many are real)."""
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     real = len(chunks)
-    synced = run.train.zero_stage == 3 and world > 1
     if synced:
-        # ZeRO-3 gathers weights collectively: every rank must run the same number of generate calls.
         count = torch.tensor([len(chunks)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         filler = chunks[-1] if chunks else [(-1, -1, "")]
         chunks += [filler] * (int(count) - len(chunks))
+    return chunks, real
+
+
+def _reflect_sampler(collator: Collator, batch_size: int, seed: int):
+    """Per micro-batch, one batch of remembered inputs of every earlier task (None: nothing kept).
+
+    The memory dataset is small (2% of each task): each worker holds it whole and samples from it.
+    """
+    try:
+        shard = ray.train.get_dataset_shard("memory")
+    except KeyError:
+        return None
+    if shard is None:
+        return None
+    by_task: dict[int, list[str]] = {}
+    for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        for task, source in zip(batch["task"], batch["source"]):
+            by_task.setdefault(int(task), []).append(str(source))
+    if not by_task:
+        return None
+    rng = random.Random(seed)
+
+    def draw() -> dict[int, dict[str, torch.Tensor]]:
+        return {task: collator.generation_batch([rng.choice(items) for _ in range(batch_size)])
+                for task, items in sorted(by_task.items())}
+
+    return draw
+
+
+@torch.no_grad()
+def _remember_attention(model, method: Method, collator, run, rank, world, device, synced, stage) -> list[float] | None:
+    """The newest task's mean attention over its validation inputs, all ranks together; the method keeps it."""
+    rows = _my_rows("val", rank, world)
+    chunks, real = _chunks(rows, run.eval.batch_size, synced, device)
+    model.eval()
+    total, count = None, torch.zeros((), device=device)
+    for number, chunk in enumerate(chunks):
+        batch = {k: v.to(device) for k, v in collator.generation_batch([c[2] for c in chunk]).items()}
+        weights = method.attention(model, batch)
+        if weights is None:
+            return None
+        if number < real:
+            total = weights.float().sum(dim=0) if total is None else total + weights.float().sum(dim=0)
+            count += weights.shape[0]
+    if total is None:  # this rank had no rows: learn the width from a one-item batch
+        batch = {k: v.to(device) for k, v in collator.generation_batch(["x"]).items()}
+        probe = method.attention(model, batch)
+        if probe is None:
+            return None
+        total = torch.zeros(probe.shape[1], device=device)
+    dist.all_reduce(total)
+    dist.all_reduce(count)
+    mean = (total / count.clamp(min=1)).cpu()
+    method.remember(model, stage.train_tasks[-1], mean)
+    return [float(v) for v in mean]
+
+
+def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label):
+    """Greedy-decodes this rank's share of the test prompts; rank 0 returns everyone's answers by task,
+    and, for routing methods, per-task attention sums and how many inputs picked their own block."""
+    rows = _my_rows("eval", rank, world)
+    synced = run.train.zero_stage == 3 and world > 1
+    chunks, real = _chunks(rows, run.eval.batch_size, synced, device)
     model = engine.module
     model.eval()
     local: list[tuple[int, int, str]] = []
+    routing: dict[int, dict] = {}
     start, done = time.perf_counter(), 0
     for number, chunk in enumerate(chunks):
-        answers = generate_answers(model, collator, [c[2] for c in chunk], max_new_tokens=run.eval.max_new_tokens,
+        sources = [c[2] for c in chunk]
+        answers = generate_answers(model, collator, sources, max_new_tokens=run.eval.max_new_tokens,
                                    device=device, synced_gpus=synced)
+        batch = {k: v.to(device) for k, v in collator.generation_batch(sources).items()}
+        weights = method.attention(model, batch)
         if number < real:  # the rest are ZeRO-3 fillers
             local.extend((task, item, answer) for (task, item, _), answer in zip(chunk, answers))
+            if weights is not None:
+                _add_routing(routing, [c[0] for c in chunk], weights.float().cpu())
         done += len(chunk)
         if (number + 1) % 10 == 0 or number + 1 == len(chunks):
             rate = done / (time.perf_counter() - start)
             _say(rank, f"{label} eval {done}/{len(rows)} items on rank 0, {rate:.1f} items/s")
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, (local, routing))
     if rank != 0:
-        return {}
+        return {}, None
     by_task: dict[str, dict[int, str]] = {}
-    for part in gathered:
+    merged: dict[int, dict] = {}
+    for part, part_routing in gathered:
         for task, item, answer in part:
-            if task >= 0:
-                by_task.setdefault(task_names[task], {})[item] = answer
-    return {name: [answers[i] for i in sorted(answers)] for name, answers in by_task.items()}
+            by_task.setdefault(task_names[task], {})[item] = answer
+        for task, stats in part_routing.items():
+            into = merged.setdefault(task, {"sum": [0.0] * len(stats["sum"]), "count": 0, "own_block": 0})
+            into["sum"] = [a + b for a, b in zip(into["sum"], stats["sum"])]
+            into["count"] += stats["count"]
+            into["own_block"] += stats["own_block"]
+    predictions = {name: [answers[i] for i in sorted(answers)] for name, answers in by_task.items()}
+    attention = {"tasks": {task_names[t]: v for t, v in sorted(merged.items())}} if merged else None
+    return predictions, attention
+
+
+def _add_routing(routing: dict[int, dict], tasks: list[int], weights) -> None:
+    """Accumulates per task: summed weights over blocks, item count, items whose top block is their task's."""
+    top = weights.argmax(dim=1).tolist()
+    for task, row, best in zip(tasks, weights.tolist(), top):
+        stats = routing.setdefault(task, {"sum": [0.0] * len(row), "count": 0, "own_block": 0})
+        stats["sum"] = [a + b for a, b in zip(stats["sum"], row)]
+        stats["count"] += 1
+        stats["own_block"] += int(best == task)
+
+
+def _train_generator(run, method: Method, task_names, rank, device, label, out_dir: Path) -> None:
+    """ARM: a fresh LoRA generator of the newest task's prompts, trained on this worker's shard
+    (all ranks, one DeepSpeed engine) and saved by rank 0 as a PEFT adapter."""
+    from sapt.train.engine import build_engine
+    from sapt.train.loop import train_epoch
+
+    settings = method.generator_settings()
+    backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
+    model = new_generator(backbone, settings).to(device)
+    gen_train = run.train.model_copy(update={"lr": settings.lr, "grad_accum": 1})
+    engine = build_engine(model, gen_train, use_bf16=run.train.precision == "bf16")
+    collator = generator_collator(backbone, settings)
+
+    class _Batches(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return generator_batch(collator, list(batch["source"]))
+
+    class _PlainLoss:
+        @staticmethod
+        def loss(model, batch, reflect=None):
+            return model(**batch).loss, {}
+
+    shard = ray.train.get_dataset_shard("train")
+    steps, passes = 0, 0
+    while steps < settings.steps:
+        batches = shard.iter_torch_batches(batch_size=run.train.batch_size, collate_fn=_Batches(),
+                                           local_shuffle_buffer_size=256, local_shuffle_seed=run.seed + passes)
+        stats = train_epoch(engine, _PlainLoss, batches, device=device, log_every=run.train.log_every,
+                            on_log=lambda *_: None, max_steps=settings.steps - steps)
+        if stats.steps == 0:
+            break
+        steps, passes = steps + stats.steps, passes + 1
+        _say(rank, f"{label} generator: {steps}/{settings.steps} steps, loss {stats.mean_loss:.4f}")
+    with _whole_trainable(engine, run.train.zero_stage):
+        if rank == 0:
+            engine.module.save_pretrained(str(out_dir))

@@ -7,8 +7,9 @@ from pydantic import ValidationError
 from sapt.errors import SaptError
 from sapt.methods.base import Method, NoArgs, Stage
 from sapt.methods.lora import MultiTaskLora, SeqLora, SingleLora
+from sapt.methods.sapt import SaptLora, SaptPrompt
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqLora, SingleLora, MultiTaskLora)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqLora, SingleLora, MultiTaskLora, SaptLora, SaptPrompt)}
 
 
 def build_method(name: str, method_args: dict, pet) -> Method:

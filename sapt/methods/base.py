@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -54,6 +54,37 @@ class Stage:
         )
 
 
+@dataclass(frozen=True)
+class MemorySpec:
+    """What a method keeps of each finished task for later stages.
+
+    Attributes:
+        source: ``real`` samples of the task's training split, or ``pseudo`` inputs produced by a
+            generator trained on it (then the method also says how, in ``generator_settings``).
+        use: ``replay`` mixes the items (with answers) into later tasks' training data; ``reflect``
+            hands their inputs to ``Method.loss`` as ``reflect`` batches, one per earlier task.
+        fraction: share of the task's training set kept (at least one item).
+    """
+
+    source: Literal["real", "pseudo"]
+    use: Literal["replay", "reflect"]
+    fraction: float = 0.02
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """How the pseudo-sample generator of one task is trained and sampled (sapt-method.md 2.1)."""
+
+    steps: int
+    lr: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+
+
 class Method(ABC):
     """A continual-learning method: subclass, set ``name`` (and ``Config``), add it to METHODS.
 
@@ -81,9 +112,35 @@ class Method(ABC):
         when ``stage.fresh``). Only the parameters to train may have ``requires_grad=True``.
         """
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss of one micro-batch and any extra terms to log."""
+    def loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        reflect: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of one micro-batch and any extra terms to log.
+
+        Args:
+            reflect: for ``memory().use == "reflect"``: one batch of remembered inputs
+                (input_ids, attention_mask) per earlier task index.
+        """
         return model(**batch).loss, {}
+
+    def memory(self) -> MemorySpec | None:
+        """What to keep of each finished task; None keeps nothing."""
+        return None
+
+    def generator_settings(self) -> GeneratorSettings | None:
+        """For ``memory().source == "pseudo"``: how to train and sample each task's generator."""
+        return None
+
+    def attention(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Per-input weights over the PET blocks used at test time, (B, blocks); None if the method
+        has no routing. Feeds the diagnostics (routing accuracy, attention heatmaps)."""
+        return None
+
+    def remember(self, model: nn.Module, task: int, mean_attention: torch.Tensor) -> None:
+        """After a task: its validation inputs' mean ``attention``, to keep in the saved state."""
 
     @abstractmethod
     def save(self, model: nn.Module, out_dir: Path) -> None:

@@ -14,7 +14,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from sapt.errors import SaptError
-from sapt.evaluation.plots import matrix_heatmap
+from sapt.evaluation.plots import attention_heatmap, matrix_heatmap
+from sapt.evaluation.routing import RoutingRecord
 
 
 def resolve_tracking_uri(tracking_uri: str, output_dir: Path) -> str:
@@ -70,7 +71,7 @@ class SequenceTracker:
             raise SaptError(f"MLflow server unreachable: {err.__class__.__name__}", source="mlflow.tracking_uri") from None
 
     def stage(self, row: int, train_tasks: list[str], scores: dict[int, float], history: list[dict],
-              matrix: list[list[float | None]]) -> None:
+              matrix: list[list[float | None]], routing: RoutingRecord | None = None) -> None:
         """One nested run per stage: its scores a[row][i], its loss curve; parent gets the matrix so far."""
         nested = self.client.create_run(
             self.experiment_id,
@@ -82,10 +83,12 @@ class SequenceTracker:
         self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in self.params.items()])
         metrics = {f"a_{row + 1}_{i + 1}": s for i, s in scores.items()}
         metrics.update({f"score.{self.task_names[i]}": s for i, s in scores.items()})
+        if routing is not None and routing.accuracy[row] is not None:
+            metrics["routing_accuracy"] = routing.accuracy[row]
         self._log_losses(run_id, history)
         for key, value in metrics.items():
             self.client.log_metric(run_id, key, value)
-            self.client.log_metric(self.run_id, key, value)
+            self.client.log_metric(self.run_id, key, value, step=row + 1)
         self.client.set_terminated(run_id)
         self._log_matrix(matrix, title=f"accuracy after task {row + 1}")
 
@@ -97,6 +100,8 @@ class SequenceTracker:
                 entities.append(mlflow.entities.Metric("train_loss", loss, 0, step))
                 step += 1
             entities.append(mlflow.entities.Metric("tokens_per_second", epoch["tokens_per_second"], 0, epoch["epoch"]))
+            for term, value in epoch.get("terms", {}).items():  # e.g. ARM's KL, per epoch
+                entities.append(mlflow.entities.Metric(f"train_{term}", value, 0, epoch["epoch"]))
         for start in range(0, len(entities), 900):  # log_batch takes at most 1000 metrics
             self.client.log_batch(run_id, metrics=entities[start : start + 900])
 
@@ -106,10 +111,17 @@ class SequenceTracker:
             matrix_heatmap(matrix, self.task_names, Path(tmp) / "accuracy_matrix.png", title)
             self.client.log_artifacts(self.run_id, tmp)
 
-    def finish(self, metrics: dict[str, float | None], results_path: Path) -> None:
+    def finish(self, metrics: dict[str, float | None], results_path: Path, routing: RoutingRecord | None = None) -> None:
         for key, value in metrics.items():
             if value is not None:
                 self.client.log_metric(self.run_id, key, value)
+        if routing is not None and routing.seen:
+            with tempfile.TemporaryDirectory() as tmp:
+                attention_heatmap(routing.test, self.task_names, Path(tmp) / "attention_test.png",
+                                  "shared attention at test time (after the last task)")
+                attention_heatmap(routing.train, self.task_names, Path(tmp) / "attention_train.png",
+                                  "shared attention right after training each task")
+                self.client.log_artifacts(self.run_id, tmp)
         self.client.log_artifact(self.run_id, str(results_path))
         self.client.set_terminated(self.run_id)
 

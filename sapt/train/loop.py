@@ -15,6 +15,7 @@ class EpochStats:
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    terms: dict[str, list[float]] = field(default_factory=dict)  # the method's extra loss terms
 
     @property
     def mean_loss(self) -> float:
@@ -33,19 +34,28 @@ def train_epoch(
     device: torch.device,
     log_every: int,
     on_log: Callable[[int, float, float], None],
+    reflect: Callable[[], dict[int, dict[str, torch.Tensor]]] | None = None,
+    max_steps: int | None = None,
 ) -> EpochStats:
     """Runs ``method.loss`` + backward + step over ``batches`` (micro-batches).
 
     Args:
         on_log: called every ``log_every`` micro-batches with (step, mean recent loss, tokens/s).
+        reflect: draws, per micro-batch, one batch of remembered inputs per earlier task.
+        max_steps: stop after this many micro-batches.
     """
     engine.train()
     stats = EpochStats()
     recent: list[float] = []
     start = time.perf_counter()
     for batch in batches:
+        if max_steps is not None and stats.steps >= max_steps:
+            break
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss, _extra = method.loss(engine, batch)
+        memory = None
+        if reflect is not None:
+            memory = {task: {k: v.to(device) for k, v in b.items()} for task, b in reflect().items()}
+        loss, extra = method.loss(engine, batch, memory) if memory else method.loss(engine, batch)
         engine.backward(loss)
         engine.step()
         stats.steps += 1
@@ -53,6 +63,8 @@ def train_epoch(
         stats.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
         value = float(loss.detach())
         stats.losses.append(value)
+        for key, term in extra.items():
+            stats.terms.setdefault(key, []).append(term)
         recent.append(value)
         if stats.steps % log_every == 0:
             elapsed = time.perf_counter() - start

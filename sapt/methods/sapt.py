@@ -1,0 +1,268 @@
+"""SAPT (Zhao et al., ACL 2024): shared attentive learning and selection over a pool of PET blocks,
+kept from forgetting by attentive reflection (ARM). ``sapt-lora`` and ``sapt-prompt``.
+
+At task t the pool holds t blocks: t-1 frozen ones and a fresh one. The router (projection + one
+key per block) weights them per input, in training and at test time alike; no task id anywhere.
+Trainable: the new block, the new key, the projection. ARM: after each task its mean attention on
+its validation inputs is stored; later tasks add lambda * sum_i KL(stored_i || router(pseudo_i)).
+
+The ``ablation`` key switches to the paper's Table 2 variants (docs/sapt.md says what each does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sapt.backbones.types import Backbone
+from sapt.errors import SaptError
+from sapt.methods.base import GeneratorSettings, MemorySpec, Method, Stage
+from sapt.pet import pool_files
+from sapt.pet.lora_pool import PooledLoraLinear, Routing, inject_lora_pool
+from sapt.pet.prompt_pool import PromptPool
+from sapt.pet.reflection import padded_target, reflection_kl
+from sapt.pet.routed_model import RoutedModel
+from sapt.pet.router import SharedAttention
+
+STATE_FILE = "sapt.json"
+SELECTOR_DIR = "selector"
+
+Ablation = Literal["none", "no-arm", "replay", "no-alignment", "no-sa", "real-inputs"]
+
+# ablation -> what is kept of each finished task (sapt-method.md 2; the paper's Table 2)
+_MEMORY: dict[str, tuple[str, str] | None] = {
+    "none": ("pseudo", "reflect"),
+    "no-arm": None,
+    "replay": ("real", "replay"),
+    "no-alignment": ("pseudo", "reflect"),
+    "no-sa": ("pseudo", "reflect"),
+    "real-inputs": ("real", "reflect"),
+}
+
+
+class SaptArgs(BaseModel):
+    """``method_args`` of sapt-lora (defaults: the authors' scripts, sapt-method.md 1 and 3)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ablation: Ablation = Field("none", description="The paper's Table 2 variant; none is SAPT itself.")
+    kl_weight: float = Field(0.5, ge=0, description="lambda, on the ARM loss summed over earlier tasks.")
+    projection_dim: int = Field(100, ge=1, description="Bottleneck h of the query projection.")
+    temperature: float | None = Field(None, gt=0, description="Logit divisor; null: sqrt(embedding size).")
+    projection_layout: Literal["code", "paper"] = Field(
+        "code", description="code: Linear-Linear-SiLU-LN (what the authors ran); paper: Linear-SiLU-Linear-LN.")
+    masked_pooling: bool = Field(True, description="false pools padding too, as the authors' code does.")
+    memory_fraction: float = Field(0.02, gt=0, le=1, description="Pseudo (or real) samples per task, share of train.")
+    generator_steps: int = Field(300, ge=1, description="Optimizer steps of each task's generator.")
+    generator_lr: float = Field(1e-3, gt=0)
+    generator_lora_r: int = Field(8, ge=1)
+    generator_lora_alpha: float = Field(32, gt=0)
+    generator_lora_dropout: float = Field(0.1, ge=0, lt=1)
+    generator_top_k: int = Field(20, ge=1)
+    generator_repetition_penalty: float = Field(2.5, gt=0)
+    generator_max_new_tokens: int = Field(128, ge=1)
+
+
+class SaptPromptArgs(SaptArgs):
+    """``method_args`` of sapt-prompt."""
+
+    prompt_length: int = Field(10, ge=1, description="Soft-prompt vectors per block.")
+
+
+class _Sapt(Method):
+    """What both variants share: router, ARM, ablations, state files. Subclasses own the pool."""
+
+    Config = SaptArgs
+
+    def __init__(self, args: SaptArgs, pet):
+        super().__init__(args, pet)
+        self.targets: list[list[float]] = []  # stored mean attention of each finished task
+        self._backbone: Backbone | None = None
+
+    # -- the pool, per variant ---------------------------------------------------------------
+    def _attach_pool(self, backbone: Backbone, routing: Routing, old_blocks: int, state_dir: Path | None,
+                     seed: int) -> PromptPool | None:
+        raise NotImplementedError
+
+    def _save_pool(self, model: RoutedModel, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def _new_block_parameters(self, model: RoutedModel) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    # -- Method ----------------------------------------------------------------------------------
+    def build(self, backbone: Backbone, state_dir: Path | None, stage: Stage) -> nn.Module:
+        old_blocks = 0
+        self.targets = []
+        if state_dir is not None and not stage.fresh:
+            state = _read_state(state_dir, self.name)
+            old_blocks, self.targets = state["blocks"], state["targets"]
+        self._backbone = backbone
+        routing = Routing()
+        prompts = self._attach_pool(backbone, routing, old_blocks, state_dir, seed=stage.row)
+        dim = backbone.model.get_input_embeddings().weight.shape[1]
+        router = self._new_router(dim, old_blocks, state_dir)
+        ablation = self.args.ablation
+        selector = None
+        if ablation == "no-alignment":
+            selector = self._new_router(dim, old_blocks, state_dir / SELECTOR_DIR if state_dir else None)
+        model = RoutedModel(
+            backbone.model, router, routing, is_encoder_decoder=backbone.is_encoder_decoder, prompts=prompts,
+            train_weights="newest" if ablation == "no-sa" else "attention",
+            selection={"no-sa": "top1", "no-alignment": "selector"}.get(ablation, "attention"),
+            selector=selector,
+        )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        trainable = [*self._new_block_parameters(model), router.new_key, *router.projection.parameters()]
+        if selector is not None:
+            trainable += [selector.new_key, *selector.projection.parameters()]
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        return model
+
+    def _new_router(self, dim: int, old_blocks: int, state_dir: Path | None) -> SharedAttention:
+        router = SharedAttention(dim, self.args.projection_dim, self.args.temperature, self.args.projection_layout,
+                                 self.args.masked_pooling)
+        router.old_keys = torch.zeros(old_blocks, dim)
+        if old_blocks:
+            saved = pool_files.read_router_config(state_dir)
+            for key in ("dim", "hidden", "layout"):
+                if saved[key] != router.describe()[key]:
+                    raise SaptError(f"saved router has {key}={saved[key]!r}, this run asks {router.describe()[key]!r}",
+                                    source=str(state_dir / pool_files.ROUTER_CONFIG), field=key)
+            pool_files.load_router_into(router, state_dir)
+        return router
+
+    def loss(self, model, batch, reflect=None):
+        memory = list((reflect or {}).items())
+        out = model(**batch, reflect=[(b["input_ids"], b["attention_mask"]) for _, b in memory] or None)
+        total, terms = out.loss, {"lm": float(out.loss.detach())}
+        blocks = out.log_weights.shape[1]
+        ablation = self.args.ablation
+        if ablation in ("none", "real-inputs") and memory:
+            kl = sum(reflection_kl(lw, padded_target(self._target(task, lw), blocks))
+                     for (task, _), lw in zip(memory, out.reflect_log_weights))
+            total = total + self.args.kl_weight * kl
+            terms["arm_kl"] = float(kl.detach())
+        elif ablation == "no-sa":
+            # No shared attention: the router is a task classifier, trained beside the newest block.
+            newest = torch.full((out.log_weights.shape[0],), blocks - 1, device=out.log_weights.device)
+            ce = F.nll_loss(out.log_weights, newest)
+            for (task, _), lw in zip(memory, out.reflect_log_weights):
+                ce = ce + F.nll_loss(lw, torch.full((lw.shape[0],), task, device=lw.device))
+            total = total + ce
+            terms["router_ce"] = float(ce.detach())
+        elif ablation == "no-alignment":
+            # A separate selector learns, after the fact, the attention the learning router produced.
+            kl = reflection_kl(out.selector_log_weights, out.weights.detach())
+            for (task, _), lw in zip(memory, out.reflect_selector_log_weights):
+                kl = kl + reflection_kl(lw, padded_target(self._target(task, lw), blocks))
+            total = total + kl
+            terms["selector_kl"] = float(kl.detach())
+        return total, terms
+
+    def _target(self, task: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.targets[task], dtype=torch.float32, device=like.device)
+
+    def memory(self) -> MemorySpec | None:
+        kind = _MEMORY[self.args.ablation]
+        return MemorySpec(source=kind[0], use=kind[1], fraction=self.args.memory_fraction) if kind else None
+
+    def generator_settings(self) -> GeneratorSettings:
+        a = self.args
+        return GeneratorSettings(
+            steps=a.generator_steps, lr=a.generator_lr, lora_r=a.generator_lora_r, lora_alpha=a.generator_lora_alpha,
+            lora_dropout=a.generator_lora_dropout, top_k=a.generator_top_k,
+            repetition_penalty=a.generator_repetition_penalty, max_new_tokens=a.generator_max_new_tokens,
+        )
+
+    @torch.no_grad()
+    def attention(self, model, batch):
+        return model.block_weights(batch["input_ids"], batch["attention_mask"])
+
+    def remember(self, model, task: int, mean_attention: torch.Tensor) -> None:
+        if task != len(self.targets):
+            raise RuntimeError(f"attention target for task {task} arrives after {len(self.targets)} targets")
+        if self.args.ablation == "no-sa":  # a classifier's target: all weight on the task's own block
+            mean_attention = F.one_hot(torch.tensor(task), len(mean_attention)).float()
+        self.targets.append([float(v) for v in mean_attention])
+
+    def save(self, model: RoutedModel, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._save_pool(model, out_dir)
+        pool_files.save_router(model.router, out_dir)
+        if model.selector is not None:
+            pool_files.save_router(model.selector, out_dir / SELECTOR_DIR)
+        # Epoch checkpoints save mid-task, when the newest block has no target yet: the next
+        # stage refuses such a state (_read_state), only a finished task's state carries on.
+        state = {"method": self.name, "blocks": model.num_blocks, "targets": self.targets,
+                 "ablation": self.args.ablation}
+        (out_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _read_state(state_dir: Path, method: str) -> dict:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        raise SaptError(f"not a {method} state folder", source=str(path))
+    state = json.loads(path.read_text())
+    if state.get("method") != method:
+        raise SaptError(f"state of method {state.get('method')!r}, not {method!r}", source=str(path), field="method")
+    if len(state["targets"]) != state["blocks"]:
+        raise SaptError(f"{state['blocks']} blocks but {len(state['targets'])} attention targets: saved mid-task",
+                        source=str(path), field="targets")
+    return state
+
+
+class SaptLora(_Sapt):
+    """SAPT-LoRA: one LoRA block per task on every query and value projection, mixed by output."""
+
+    name = "sapt-lora"
+
+    def _attach_pool(self, backbone, routing, old_blocks, state_dir, seed):
+        self._layers = inject_lora_pool(
+            backbone.model, backbone.lora_targets, routing, rank=self.pet.lora_r, alpha=self.pet.lora_alpha,
+            dropout=self.pet.lora_dropout, old_blocks=old_blocks,
+        )
+        if old_blocks:
+            pool_files.load_lora_blocks(state_dir, old_blocks, self._layers)
+        return None
+
+    def _new_block_parameters(self, model):
+        return [p for layer in self._layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+    def _save_pool(self, model, out_dir):
+        backbone = self._backbone
+        for index in range(model.num_blocks):
+            pool_files.save_lora_block(
+                self._layers, index, pool_files.block_dir(out_dir, index), targets=backbone.lora_targets,
+                alpha=self.pet.lora_alpha, is_encoder_decoder=backbone.is_encoder_decoder, base_model=backbone.name,
+            )
+
+    def pooled_layers(self) -> dict[str, PooledLoraLinear]:
+        return self._layers
+
+
+class SaptPrompt(_Sapt):
+    """SAPT-Prompt: one soft prompt per task; the per-input mix is prepended to the input embeddings."""
+
+    name = "sapt-prompt"
+    Config = SaptPromptArgs
+
+    def _attach_pool(self, backbone, routing, old_blocks, state_dir, seed):
+        embedding = backbone.model.get_input_embeddings().weight
+        pool = PromptPool(embedding, self.args.prompt_length, old_blocks, torch.Generator().manual_seed(seed))
+        if old_blocks:
+            pool.load_old_blocks(pool_files.load_prompts(state_dir))
+        return pool
+
+    def _new_block_parameters(self, model):
+        return [model.prompts.prompt]
+
+    def _save_pool(self, model, out_dir):
+        pool_files.save_prompts(model.prompts.prompts(), out_dir)

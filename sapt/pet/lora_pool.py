@@ -1,0 +1,113 @@
+"""A pool of LoRA blocks on one linear layer, mixed per input by routing weights.
+
+    h = W x + sum_j alpha_j(x) * s * B_j A_j x          (s = lora_alpha / r)
+
+Every block's A is stacked along the rank axis (A_all: (n*r, d_in)) and every B likewise
+(B_all: (d_out, n*r)), so the mix is one scaled low-rank product whatever the pool size:
+    h = W x + B_all diag(s * repeat(alpha, r)) A_all x
+Old blocks are buffers (no gradient, never updated); the newest block is the only parameter.
+Shapes: B batch, R = n*r stacked rank, n blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Routing:
+    """The per-input block weights of the current forward pass, shared by every pooled layer.
+
+    The model wrapper sets ``weights`` (B, n) before it calls the backbone; one vector per input,
+    the same for every layer and every adapted projection (sapt-method.md 1.3).
+    """
+
+    def __init__(self) -> None:
+        self.weights: torch.Tensor | None = None
+
+
+class PooledLoraLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` with a pool of LoRA blocks.
+
+    Args:
+        base: the frozen linear layer.
+        routing: where the per-input weights are read from.
+        rank, alpha, dropout: LoRA rank r, scale numerator, dropout on the layer input.
+        old_blocks: how many frozen blocks precede the new one (their weights are loaded later).
+    """
+
+    def __init__(self, base: nn.Linear, routing: Routing, *, rank: int, alpha: float, dropout: float,
+                 old_blocks: int):
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        dtype, device = base.weight.dtype, base.weight.device
+        self.register_buffer("old_A", torch.zeros(old_blocks * rank, base.in_features, dtype=dtype, device=device))
+        self.register_buffer("old_B", torch.zeros(base.out_features, old_blocks * rank, dtype=dtype, device=device))
+        # PEFT's LoRA initialisation, done here (outside any HF from_pretrained) so it really runs.
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.old_A.shape[0] // self.rank + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights_Bn = self.routing.weights
+        if weights_Bn is None:
+            raise RuntimeError("no routing weights set: call the pool through its RoutedModel")
+        out = self.base(x)
+        a_all = torch.cat([self.old_A, self.lora_A], dim=0)  # (R, d_in)
+        b_all = torch.cat([self.old_B, self.lora_B], dim=1)  # (d_out, R)
+        scale_BR = weights_Bn.to(x.dtype).repeat_interleave(self.rank, dim=1) * self.scaling
+        scale = scale_BR.view(scale_BR.shape[0], *([1] * (x.dim() - 2)), scale_BR.shape[1])
+        low_rank = (self.dropout(x) @ a_all.T) * scale  # (B, ..., R)
+        return out + low_rank @ b_all.T
+
+    def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index`` (0 = oldest, num_blocks-1 = the new one) as (A (r, d_in), B (d_out, r))."""
+        if index == self.num_blocks - 1:
+            return self.lora_A.detach(), self.lora_B.detach()
+        rows = slice(index * self.rank, (index + 1) * self.rank)
+        return self.old_A[rows], self.old_B[:, rows]
+
+    @torch.no_grad()
+    def load_old_blocks(self, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fills the frozen part of the pool with (A, B) pairs, oldest first."""
+        if len(blocks) != self.num_blocks - 1:
+            raise ValueError(f"expected {self.num_blocks - 1} old blocks, got {len(blocks)}")
+        if blocks:
+            self.old_A.copy_(torch.cat([a for a, _ in blocks], dim=0))
+            self.old_B.copy_(torch.cat([b for _, b in blocks], dim=1))
+
+
+def targets_in(model: nn.Module, suffixes: list[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules whose name is a suffix or ends in ``.suffix`` (PEFT's rule)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+    ]
+
+
+def inject_lora_pool(model: nn.Module, suffixes: list[str], routing: Routing, *, rank: int, alpha: float,
+                     dropout: float, old_blocks: int) -> dict[str, PooledLoraLinear]:
+    """Replaces every targeted linear of ``model`` in place by a pooled layer; returns them by name."""
+    names = targets_in(model, suffixes)
+    if not names:
+        raise ValueError(f"no linear layer matches the LoRA targets {suffixes}")
+    layers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = PooledLoraLinear(getattr(parent, child), routing, rank=rank, alpha=alpha, dropout=dropout,
+                                 old_blocks=old_blocks)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return layers

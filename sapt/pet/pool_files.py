@@ -1,0 +1,121 @@
+"""Pool state on disk: every LoRA block as a standard PEFT adapter folder, the router and the soft
+prompts as safetensors + JSON. Nothing here unpickles.
+
+    blocks/block-000/adapter_config.json      one PEFT LoRA adapter per task, oldest first;
+    blocks/block-000/adapter_model.safetensors ``PeftModel.from_pretrained`` loads it on the bare backbone
+    router.safetensors + router.json           projection weights and keys (n, d)
+    prompts.safetensors                        SAPT-Prompt: (n, P, d)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType
+from safetensors.torch import load_file, save_file
+
+from sapt.errors import SaptError
+from sapt.pet.lora_pool import PooledLoraLinear
+from sapt.pet.router import SharedAttention
+
+BLOCKS_DIR = "blocks"
+ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
+PROMPTS_FILE = "prompts.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+def block_dir(root: Path, index: int) -> Path:
+    return root / BLOCKS_DIR / f"block-{index:03d}"
+
+
+def save_lora_block(layers: dict[str, PooledLoraLinear], index: int, out_dir: Path, *, targets: list[str],
+                    alpha: float, is_encoder_decoder: bool, base_model: str) -> None:
+    """Writes block ``index`` of every pooled layer as one PEFT LoRA adapter folder."""
+    rank = next(iter(layers.values())).rank
+    tensors = {}
+    for name, layer in layers.items():
+        a, b = layer.block(index)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, base_model_name_or_path=base_model,
+        task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+
+
+def load_lora_blocks(root: Path, count: int, layers: dict[str, PooledLoraLinear]) -> None:
+    """Loads blocks 0..count-1 from their adapter folders into the frozen part of each pooled layer.
+
+    Raises:
+        SaptError: a block folder is missing, or its layers or shapes do not fit this backbone.
+    """
+    per_layer: dict[str, list] = {name: [] for name in layers}
+    for index in range(count):
+        folder = block_dir(root, index)
+        path = folder / "adapter_model.safetensors"
+        if not path.is_file():
+            raise SaptError("LoRA block missing", source=str(path))
+        tensors = load_file(str(path))
+        for name, layer in layers.items():
+            a = tensors.get(f"{_PEFT_PREFIX}{name}.lora_A.weight")
+            b = tensors.get(f"{_PEFT_PREFIX}{name}.lora_B.weight")
+            want_a, want_b = (layer.rank, layer.base.in_features), (layer.base.out_features, layer.rank)
+            if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise SaptError(f"block does not fit layer {name} (rank {layer.rank}) of this backbone",
+                                source=str(path), field=f"{name}.lora_A/B")
+            per_layer[name].append((a, b))
+    for name, layer in layers.items():
+        layer.load_old_blocks(per_layer[name])
+
+
+def save_router(router: SharedAttention, out_dir: Path) -> None:
+    state = {f"projection.{k}": v.detach().float().cpu().contiguous() for k, v in router.projection.state_dict().items()}
+    state["keys"] = router.keys().detach().float().cpu().contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / ROUTER_WEIGHTS))
+    (out_dir / ROUTER_CONFIG).write_text(json.dumps(router.describe(), indent=2))
+
+
+def read_router_config(root: Path) -> dict:
+    path = root / ROUTER_CONFIG
+    if not path.is_file():
+        raise SaptError("router config missing", source=str(path))
+    return json.loads(path.read_text())
+
+
+def load_router_into(router: SharedAttention, root: Path) -> None:
+    """Loads a saved router's projection, and its keys as the frozen old keys of ``router``.
+
+    Raises:
+        SaptError: the saved router does not fit (embedding size, bottleneck or key count).
+    """
+    path = root / ROUTER_WEIGHTS
+    if not path.is_file():
+        raise SaptError("router weights missing", source=str(path))
+    state = load_file(str(path))
+    keys = state.pop("keys")
+    projection = {k.removeprefix("projection."): v for k, v in state.items()}
+    expected = {k: tuple(v.shape) for k, v in router.projection.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in projection.items()}
+    if found != expected or keys.shape != (router.num_blocks - 1, router.dim):
+        raise SaptError(f"saved router does not fit: projection {found}, keys {tuple(keys.shape)}; "
+                        f"expected {expected} and ({router.num_blocks - 1}, {router.dim})", source=str(path))
+    router.projection.load_state_dict(projection)
+    router.old_keys = keys.to(router.old_keys.device, router.old_keys.dtype)
+
+
+def save_prompts(prompts: torch.Tensor, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"prompts": prompts.detach().float().cpu().contiguous()}, str(out_dir / PROMPTS_FILE))
+
+
+def load_prompts(root: Path) -> torch.Tensor:
+    path = root / PROMPTS_FILE
+    if not path.is_file():
+        raise SaptError("prompt pool missing", source=str(path))
+    return load_file(str(path))["prompts"]

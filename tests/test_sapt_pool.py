@@ -1,0 +1,226 @@
+"""The SAPT pool and router: the subtle errors a re-implementation makes (sapt-method.md 1, 2.4)."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+
+from sapt.backbones import load_backbone
+from sapt.config import PetConfig
+from sapt.methods import build_method
+from sapt.methods.base import Stage
+from sapt.pet import pool_files
+from sapt.pet.lora_pool import PooledLoraLinear, Routing
+from sapt.pet.prompt_pool import PromptPool
+from sapt.pet.reflection import padded_target, reflection_kl
+from sapt.pet.router import SharedAttention
+
+PET = PetConfig(lora_r=4, lora_alpha=8)
+
+
+def _random_pool(blocks: int, rank: int = 3, d_in: int = 12, d_out: int = 10):
+    torch.manual_seed(0)
+    routing = Routing()
+    layer = PooledLoraLinear(nn.Linear(d_in, d_out), routing, rank=rank, alpha=6.0, dropout=0.0,
+                             old_blocks=blocks - 1)
+    old = [(torch.randn(rank, d_in), torch.randn(d_out, rank)) for _ in range(blocks - 1)]
+    layer.load_old_blocks(old)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer, routing
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 7])
+def test_pooled_layer_equals_the_explicit_sum_over_blocks(blocks):
+    layer, routing = _random_pool(blocks)
+    x = torch.randn(5, 4, 12)
+    routing.weights = torch.softmax(torch.randn(5, blocks), dim=-1)
+    expected = layer.base(x)
+    for j in range(blocks):
+        a, b = layer.block(j)
+        expected = expected + routing.weights[:, j, None, None] * layer.scaling * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_reaches_the_new_block_only_and_still_flows_through_old_blocks():
+    layer, routing = _random_pool(3)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    routing.weights = torch.full((2, 3), 1 / 3)
+    layer(x).square().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+    assert layer.lora_B.grad.abs().sum() > 0
+    assert not layer.old_A.requires_grad and not layer.old_B.requires_grad
+    # The input's gradient includes the old blocks' path (earlier layers' new blocks need it).
+    x_only_new = x.detach().clone().requires_grad_(True)
+    saved = layer.old_B.clone()
+    layer.old_B.zero_()
+    layer(x_only_new).square().sum().backward()
+    layer.old_B.copy_(saved)
+    assert not torch.allclose(x.grad, x_only_new.grad)
+
+
+def test_prompt_pool_mixes_prompts_by_weight():
+    torch.manual_seed(0)
+    pool = PromptPool(torch.randn(50, 8), length=3, old_blocks=2, generator=torch.Generator().manual_seed(1))
+    pool.load_old_blocks(torch.randn(2, 3, 8))
+    weights = torch.softmax(torch.randn(4, 3), dim=-1)
+    expected = sum(weights[:, j, None, None] * pool.prompts()[j] for j in range(3))
+    torch.testing.assert_close(pool(weights), expected)
+
+
+def test_masked_pooling_ignores_padding_unmasked_does_not():
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 5, 16)
+    padded = torch.cat([tokens, torch.full((1, 3, 16), 9.0)], dim=1)  # pad embeddings larger than any token
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    router = SharedAttention(16, hidden=4)
+    router.old_keys = torch.randn(2, 16)
+    short = router(tokens, torch.ones(1, 5))
+    torch.testing.assert_close(router(padded, mask), short)
+    unmasked = SharedAttention(16, hidden=4, masked_pooling=False)
+    unmasked.old_keys = torch.zeros(2, 16)
+    unmasked.load_state_dict(router.state_dict())
+    assert not torch.allclose(unmasked(padded, mask), short)
+
+
+def test_default_temperature_is_sqrt_of_the_embedding_size():
+    assert SharedAttention(64).temperature == 8.0
+    assert SharedAttention(64, temperature=2.0).temperature == 2.0
+
+
+def test_kl_target_is_zero_padded_at_the_newer_blocks():
+    stored = torch.tensor([0.2, 0.8])
+    assert padded_target(stored, 4).tolist() == pytest.approx([0.2, 0.8, 0.0, 0.0])
+    with pytest.raises(ValueError):
+        padded_target(stored, 1)
+    log_weights = torch.log_softmax(torch.tensor([[0.1, 0.5, 2.0, -1.0], [1.0, 0.0, 0.0, 0.0]]), dim=-1)
+    target = padded_target(stored, 4)
+    manual = sum(target[j] * (target[j].log() - log_weights[:, j]) for j in range(2)).mean()
+    torch.testing.assert_close(reflection_kl(log_weights, target), manual)
+    # The KL pushes weight off the newer blocks: moving mass there raises it.
+    worse = torch.log_softmax(torch.tensor([[0.1, 0.5, 4.0, -1.0], [1.0, 0.0, 2.0, 0.0]]), dim=-1)
+    assert reflection_kl(worse, target) > reflection_kl(log_weights, target)
+
+
+# -- the method on the embedded tiny T5 ---------------------------------------------------------
+
+def _batch(backbone):
+    tok = backbone.tokenizer
+    enc = tok(["copy the first word: red blue", "name the last word here: green"], padding=True, return_tensors="pt")
+    labels = tok(["red", "green"], padding=True, return_tensors="pt")["input_ids"]
+    labels[labels == tok.pad_token_id] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def _perturb(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+
+
+def _finish_task(method, model, batch, task):
+    """A stand-in for training a task: move every trainable weight, store the target, save."""
+    _perturb([p for p in model.parameters() if p.requires_grad])
+    model.eval()
+    method.remember(model, task, method.attention(model, batch).mean(dim=0))
+
+
+def test_one_block_equals_plain_peft_lora():
+    backbone = load_backbone("embedded:tiny-t5")
+    method = build_method("sapt-lora", {}, PET)
+    model = method.build(backbone, None, Stage(0, (0,), (0,)))
+    layers = method.pooled_layers()
+    _perturb([p for p in model.parameters() if p.requires_grad])
+    batch = _batch(backbone)
+    model.eval()
+    ours = model(**batch).loss
+
+    reference = load_backbone("embedded:tiny-t5")
+    peft_model = get_peft_model(reference.model, LoraConfig(r=4, lora_alpha=8, target_modules=reference.lora_targets,
+                                                             task_type=TaskType.SEQ_2_SEQ_LM))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            peft_layer = peft_model.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B)
+    peft_model.eval()
+    torch.testing.assert_close(ours, peft_model(**batch).loss)
+    assert float(ours.detach()) != pytest.approx(float(load_backbone("embedded:tiny-t5").model(**batch).loss))
+
+
+def test_second_task_trains_only_new_block_new_key_and_projection(tmp_path):
+    backbone = load_backbone("embedded:tiny-t5")
+    method = build_method("sapt-lora", {"kl_weight": 1.0}, PET)
+    batch = _batch(backbone)
+    first = method.build(backbone, None, Stage(0, (0,), (0,)))
+    _finish_task(method, first, batch, 0)
+    method.save(first, tmp_path)
+    saved_blocks = {n: tuple(t.clone() for t in layer.block(0)) for n, layer in method.pooled_layers().items()}
+
+    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1)))
+    _perturb([p for p in model.parameters() if p.requires_grad])  # past step 0, where B = 0 starves A
+    model.train()
+    reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
+    loss, terms = method.loss(model, batch, reflect)
+    assert terms["arm_kl"] > 0
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+    assert {"router.new_key", "router.projection.0.weight", "router.projection.1.weight"} <= trainable
+    assert all(n.startswith("router.") or n.endswith(("lora_A", "lora_B")) for n in trainable)
+    # Old block unchanged bit for bit after "training" the second task and saving it.
+    _finish_task(method, model, batch, 1)
+    method.save(model, tmp_path / "after2")
+    for name, layer in method.pooled_layers().items():
+        a, b = layer.block(0)
+        assert torch.equal(a, saved_blocks[name][0]) and torch.equal(b, saved_blocks[name][1])
+        assert not torch.equal(layer.block(1)[0], a)
+
+
+def test_a_saved_block_is_a_peft_adapter_equal_to_the_pool_with_all_weight_on_it(tmp_path):
+    backbone = load_backbone("embedded:tiny-t5")
+    method = build_method("sapt-lora", {}, PET)
+    batch = _batch(backbone)
+    first = method.build(backbone, None, Stage(0, (0,), (0,)))
+    _finish_task(method, first, batch, 0)
+    method.save(first, tmp_path / "one")
+    second = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1)))
+    _finish_task(method, second, batch, 1)
+    method.save(second, tmp_path / "two")
+    second.eval()
+    for block in (0, 1):
+        weights = torch.zeros(2, 2)
+        weights[:, block] = 1.0
+        second.routing.weights = weights
+        pool_loss = second.backbone(**batch).loss
+        plain = PeftModel.from_pretrained(load_backbone("embedded:tiny-t5").model,
+                                          str(pool_files.block_dir(tmp_path / "two", block)))
+        plain.eval()
+        torch.testing.assert_close(pool_loss, plain(**batch).loss)
+
+
+def test_a_router_saved_for_another_backbone_size_is_refused(tmp_path):
+    backbone = load_backbone("embedded:tiny-t5")
+    method = build_method("sapt-lora", {}, PET)
+    model = method.build(backbone, None, Stage(0, (0,), (0,)))
+    _finish_task(method, model, _batch(backbone), 0)
+    method.save(model, tmp_path)
+    other = build_method("sapt-lora", {"projection_dim": 7}, PET)
+    with pytest.raises(Exception, match="hidden"):
+        other.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1)))
+
+
+def test_sapt_prompt_builds_trains_the_prompt_and_generates():
+    backbone = load_backbone("embedded:tiny-t5")
+    method = build_method("sapt-prompt", {"prompt_length": 4}, PET)
+    model = method.build(backbone, None, Stage(0, (0,), (0,)))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "prompts.prompt" in trainable and not any("lora" in n for n in trainable)
+    batch = _batch(backbone)
+    loss, _ = method.loss(model, batch)
+    loss.backward()
+    assert model.prompts.prompt.grad.abs().sum() > 0
+    model.eval()
+    out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2
