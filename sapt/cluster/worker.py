@@ -109,7 +109,7 @@ def train_stage(loop_config: dict) -> None:
         model = method.build(backbone, state_dir, stage)
     model.to(device)
     use_bf16 = run.train.precision == "bf16"
-    engine = build_engine(model, run.train, use_bf16=use_bf16)
+    engine = build_engine(model, run.train, use_bf16=use_bf16, param_groups=method.param_groups(model, run.train.lr))
     collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, run.train.max_source_len, run.train.max_target_len)
 
     # [2] A restarted worker group (or a re-driven run of the same name) continues from its last epoch.

@@ -126,6 +126,10 @@ class Method(ABC):
         """
         return model(**batch).loss, {}
 
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
+        """Optimizer groups when parts of the model need their own learning rate; None: one group."""
+        return None
+
     def memory(self) -> MemorySpec | None:
         """What to keep of each finished task; None keeps nothing."""
         return None

@@ -51,12 +51,15 @@ class SaptArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     ablation: Ablation = Field("none", description="The paper's Table 2 variant; none is SAPT itself.")
-    kl_weight: float = Field(0.5, ge=0, description="lambda, on the ARM loss summed over earlier tasks.")
+    # 2 = what the authors' SuperNI/T5 runs applied in effect (0.5 x 4 accumulation steps, sapt-method.md 2.5);
+    # here the KL is scaled like the LM loss, so the number means the same at any grad_accum.
+    kl_weight: float = Field(2.0, ge=0, description="lambda, on the ARM loss summed over earlier tasks.")
     projection_dim: int = Field(100, ge=1, description="Bottleneck h of the query projection.")
     temperature: float | None = Field(None, gt=0, description="Logit divisor; null: sqrt(embedding size).")
     projection_layout: Literal["code", "paper"] = Field(
         "code", description="code: Linear-Linear-SiLU-LN (what the authors ran); paper: Linear-SiLU-Linear-LN.")
     masked_pooling: bool = Field(True, description="false pools padding too, as the authors' code does.")
+    router_lr: float | None = Field(None, gt=0, description="Own learning rate for projection and keys; null: train.lr.")
     memory_fraction: float = Field(0.02, gt=0, le=1, description="Pseudo (or real) samples per task, share of train.")
     generator_steps: int = Field(300, ge=1, description="Optimizer steps of each task's generator.")
     generator_lr: float = Field(1e-3, gt=0)
@@ -166,6 +169,16 @@ class _Sapt(Method):
             total = total + kl
             terms["selector_kl"] = float(kl.detach())
         return total, terms
+
+    def param_groups(self, model, lr):
+        if self.args.router_lr is None:
+            return None
+        routing = {id(p) for name, p in model.named_parameters() if name.startswith(("router.", "selector."))}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if id(p) not in routing], "lr": lr},
+            {"params": [p for p in trainable if id(p) in routing], "lr": self.args.router_lr},
+        ]
 
     def _target(self, task: int, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.targets[task], dtype=torch.float32, device=like.device)

@@ -25,12 +25,17 @@ def deepspeed_config(train, *, use_bf16: bool) -> dict:
     }
 
 
-def build_engine(model: nn.Module, train, *, use_bf16: bool):
-    """Wraps ``model`` in a DeepSpeed engine that optimizes only its trainable parameters."""
+def build_engine(model: nn.Module, train, *, use_bf16: bool, param_groups: list[dict] | None = None):
+    """Wraps ``model`` in a DeepSpeed engine that optimizes only its trainable parameters.
+
+    Args:
+        param_groups: optimizer groups ({"params", "lr"}) when parts of the model need their own
+            learning rate; default one group at ``train.lr``.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise RuntimeError("the method left no trainable parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups or trainable, lr=train.lr, weight_decay=train.weight_decay)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train, use_bf16=use_bf16)
     )

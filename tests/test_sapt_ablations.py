@@ -1,0 +1,106 @@
+"""The ablation key: each variant changes exactly what the paper's Table 2 says it changes."""
+
+import pytest
+import torch
+
+from sapt.backbones import load_backbone
+from sapt.config import PetConfig
+from sapt.methods import build_method
+from sapt.methods.base import MemorySpec, Stage
+
+PET = PetConfig(lora_r=4, lora_alpha=8)
+
+
+def _batch(backbone):
+    tok = backbone.tokenizer
+    enc = tok(["copy the first word: red blue", "name the last word here: green"], padding=True, return_tensors="pt")
+    labels = tok(["red", "green"], padding=True, return_tensors="pt")["input_ids"]
+    labels[labels == tok.pad_token_id] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def _two_block_model(ablation, tmp_path, **args):
+    """The model at task 2, after a first task whose weights were moved off their init."""
+    method = build_method("sapt-lora", {"ablation": ablation, **args}, PET)
+    backbone = load_backbone("embedded:tiny-t5")
+    batch = _batch(backbone)
+    first = method.build(backbone, None, Stage(0, (0,), (0,)))
+    with torch.no_grad():
+        for p in first.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    first.eval()
+    method.remember(first, 0, method.attention(first, batch).mean(dim=0))
+    method.save(first, tmp_path)
+    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return method, model, batch
+
+
+@pytest.mark.parametrize("ablation, expected", [
+    ("none", MemorySpec("pseudo", "reflect")),
+    ("no-arm", None),
+    ("replay", MemorySpec("real", "replay")),
+    ("no-alignment", MemorySpec("pseudo", "reflect")),
+    ("no-sa", MemorySpec("pseudo", "reflect")),
+    ("real-inputs", MemorySpec("real", "reflect")),
+])
+def test_what_each_ablation_remembers(ablation, expected):
+    assert build_method("sapt-lora", {"ablation": ablation}, PET).memory() == expected
+
+
+def test_no_arm_adds_no_reflection_loss(tmp_path):
+    method, model, batch = _two_block_model("no-arm", tmp_path)
+    reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
+    loss, terms = method.loss(model, batch, reflect)
+    assert set(terms) == {"lm"} and float(loss.detach()) == pytest.approx(terms["lm"])
+
+
+def test_no_sa_trains_the_newest_block_alone_and_selects_top1(tmp_path):
+    method, model, batch = _two_block_model("no-sa", tmp_path)
+    assert method.targets == [[1.0]]  # a classifier's target, not a measured mean
+    model.train()
+    weights = model.block_weights(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert weights.tolist() == [[0.0, 1.0], [0.0, 1.0]]
+    reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
+    loss, terms = method.loss(model, batch, reflect)
+    assert terms["router_ce"] > 0
+    loss.backward()
+    assert model.router.new_key.grad.abs().sum() > 0
+    model.eval()
+    chosen = method.attention(model, batch)
+    assert set(chosen.flatten().tolist()) <= {0.0, 1.0} and chosen.sum(dim=1).tolist() == [1.0, 1.0]
+
+
+def test_no_alignment_selects_with_a_separate_selector(tmp_path):
+    method, model, batch = _two_block_model("no-alignment", tmp_path)
+    assert model.selector is not None and model.selector is not model.router
+    reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
+    model.train()
+    loss, terms = method.loss(model, batch, reflect)
+    assert "selector_kl" in terms and "arm_kl" not in terms
+    loss.backward()
+    assert model.selector.new_key.grad.abs().sum() > 0
+    model.eval()
+    by_selector = method.attention(model, batch)
+    by_router = model.router_log_weights(batch["input_ids"], batch["attention_mask"]).exp()
+    assert not torch.allclose(by_selector, by_router)
+    # The selector is saved and comes back at the next task.
+    method.remember(model, 1, by_router.mean(dim=0))
+    method.save(model, tmp_path / "two")
+    assert (tmp_path / "two" / "selector" / "router.safetensors").is_file()
+    third = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "two", Stage(2, (2,), (0, 1, 2)))
+    torch.testing.assert_close(third.selector.old_keys, model.selector.keys().detach())
+
+
+def test_router_lr_puts_projection_and_keys_in_their_own_group(tmp_path):
+    method, model, _ = _two_block_model("none", tmp_path, router_lr=0.01)
+    groups = method.param_groups(model, 0.003)
+    assert [g["lr"] for g in groups] == [0.003, 0.01]
+    router_ids = {id(p) for p in model.router.parameters()}
+    assert all(id(p) in router_ids for p in groups[1]["params"])
+    assert not any(id(p) in router_ids for p in groups[0]["params"])
+    assert build_method("sapt-lora", {}, PET).param_groups(model, 0.003) is None
