@@ -224,3 +224,27 @@ def test_sapt_prompt_builds_trains_the_prompt_and_generates():
     model.eval()
     out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["sapt-lora", "sapt-prompt"])
+def test_a_finished_state_loads_back_to_the_same_model(name, tmp_path):
+    backbone = load_backbone("embedded:tiny-t5")
+    method = build_method(name, {}, PET)
+    batch = _batch(backbone)
+    first = method.build(backbone, None, Stage(0, (0,), (0,)))
+    _finish_task(method, first, batch, 0)
+    method.save(first, tmp_path / "one")
+    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1)))
+    _finish_task(method, model, batch, 1)
+    method.save(model, tmp_path / "two")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)
+    loaded = build_method(name, {}, PET).load_finished(load_backbone("embedded:tiny-t5"), tmp_path / "two")
+    assert loaded.num_blocks == 2 and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        again = loaded(**batch)
+    torch.testing.assert_close(again.weights, expected.weights)
+    torch.testing.assert_close(again.loss, expected.loss)
+    with pytest.raises(Exception, match="mid-task|not a"):
+        build_method(name, {}, PET).load_finished(load_backbone("embedded:tiny-t5"), tmp_path)

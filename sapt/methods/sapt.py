@@ -129,6 +129,46 @@ class _Sapt(Method):
             parameter.requires_grad_(True)
         return model
 
+    def load_finished(self, backbone: Backbone, state_dir: Path) -> RoutedModel:
+        """The model exactly as it was after the last task saved in ``state_dir``, for inference:
+        its t blocks and t keys, nothing trainable, in eval mode (selection as the ablation says).
+
+        Raises:
+            SaptError: the folder is not a finished state of this method, or does not fit the backbone.
+        """
+        state = _read_state(state_dir, self.name)
+        blocks = state["blocks"]
+        if blocks < 1:
+            raise SaptError("state holds no block", source=str(state_dir / STATE_FILE), field="blocks")
+        self.targets = state["targets"]
+        self._backbone = backbone
+        routing = Routing()
+        # Blocks 1..t-1 go to the frozen part, block t into the "new" slot: the same layout as training.
+        prompts = self._attach_pool(backbone, routing, blocks - 1, state_dir, seed=0)
+        self._load_newest_block(prompts, state_dir, blocks)
+        dim = backbone.model.get_input_embeddings().weight.shape[1]
+        router = self._finished_router(dim, blocks, state_dir)
+        selector = self._finished_router(dim, blocks, state_dir / SELECTOR_DIR) if self.args.ablation == "no-alignment" else None
+        model = RoutedModel(
+            backbone.model, router, routing, is_encoder_decoder=backbone.is_encoder_decoder, prompts=prompts,
+            selection={"no-sa": "top1", "no-alignment": "selector"}.get(self.args.ablation, "attention"),
+            selector=selector,
+        )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model.eval()
+
+    def _finished_router(self, dim: int, blocks: int, folder: Path) -> SharedAttention:
+        """A router holding all ``blocks`` saved keys: t-1 as frozen keys, the last as the new key."""
+        router = self._new_router(dim, blocks, folder)
+        with torch.no_grad():
+            router.new_key.copy_(router.old_keys[-1:])
+        router.old_keys = router.old_keys[:-1].clone()
+        return router
+
+    def _load_newest_block(self, prompts, state_dir: Path, blocks: int) -> None:
+        raise NotImplementedError
+
     def _new_router(self, dim: int, old_blocks: int, state_dir: Path | None) -> SharedAttention:
         router = SharedAttention(dim, self.args.projection_dim, self.args.temperature, self.args.projection_layout,
                                  self.args.masked_pooling)
@@ -249,6 +289,9 @@ class SaptLora(_Sapt):
     def _new_block_parameters(self, model):
         return [p for layer in self._layers.values() for p in (layer.lora_A, layer.lora_B)]
 
+    def _load_newest_block(self, prompts, state_dir, blocks):
+        pool_files.load_newest_lora_block(state_dir, blocks - 1, self._layers)
+
     def _save_pool(self, model, out_dir):
         backbone = self._backbone
         for index in range(model.num_blocks):
@@ -271,11 +314,19 @@ class SaptPrompt(_Sapt):
         embedding = backbone.model.get_input_embeddings().weight
         pool = PromptPool(embedding, self.args.prompt_length, old_blocks, torch.Generator().manual_seed(seed))
         if old_blocks:
-            pool.load_old_blocks(pool_files.load_prompts(state_dir))
+            pool.load_old_blocks(pool_files.load_prompts(state_dir)[:old_blocks])
         return pool
 
     def _new_block_parameters(self, model):
         return [model.prompts.prompt]
+
+    def _load_newest_block(self, prompts, state_dir, blocks):
+        saved = pool_files.load_prompts(state_dir)
+        if saved.shape[0] != blocks:
+            raise SaptError(f"{saved.shape[0]} prompts for {blocks} blocks", source=str(state_dir / pool_files.PROMPTS_FILE))
+        prompts.load_old_blocks(saved[:-1])
+        with torch.no_grad():
+            prompts.prompt.copy_(saved[-1])
 
     def _save_pool(self, model, out_dir):
         pool_files.save_prompts(model.prompts.prompts(), out_dir)

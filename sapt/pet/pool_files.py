@@ -48,29 +48,41 @@ def save_lora_block(layers: dict[str, PooledLoraLinear], index: int, out_dir: Pa
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
 
 
-def load_lora_blocks(root: Path, count: int, layers: dict[str, PooledLoraLinear]) -> None:
-    """Loads blocks 0..count-1 from their adapter folders into the frozen part of each pooled layer.
+def _read_block(root: Path, index: int, layers: dict[str, PooledLoraLinear]) -> dict[str, tuple]:
+    """Block ``index`` as {layer name: (A, B)}, checked against the pooled layers' shapes.
 
     Raises:
-        SaptError: a block folder is missing, or its layers or shapes do not fit this backbone.
+        SaptError: the block folder is missing, or its layers or shapes do not fit this backbone.
     """
-    per_layer: dict[str, list] = {name: [] for name in layers}
-    for index in range(count):
-        folder = block_dir(root, index)
-        path = folder / "adapter_model.safetensors"
-        if not path.is_file():
-            raise SaptError("LoRA block missing", source=str(path))
-        tensors = load_file(str(path))
-        for name, layer in layers.items():
-            a = tensors.get(f"{_PEFT_PREFIX}{name}.lora_A.weight")
-            b = tensors.get(f"{_PEFT_PREFIX}{name}.lora_B.weight")
-            want_a, want_b = (layer.rank, layer.base.in_features), (layer.base.out_features, layer.rank)
-            if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-                raise SaptError(f"block does not fit layer {name} (rank {layer.rank}) of this backbone",
-                                source=str(path), field=f"{name}.lora_A/B")
-            per_layer[name].append((a, b))
+    path = block_dir(root, index) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise SaptError("LoRA block missing", source=str(path))
+    tensors = load_file(str(path))
+    found = {}
     for name, layer in layers.items():
-        layer.load_old_blocks(per_layer[name])
+        a = tensors.get(f"{_PEFT_PREFIX}{name}.lora_A.weight")
+        b = tensors.get(f"{_PEFT_PREFIX}{name}.lora_B.weight")
+        want_a, want_b = (layer.rank, layer.base.in_features), (layer.base.out_features, layer.rank)
+        if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise SaptError(f"block does not fit layer {name} (rank {layer.rank}) of this backbone",
+                            source=str(path), field=f"{name}.lora_A/B")
+        found[name] = (a, b)
+    return found
+
+
+def load_lora_blocks(root: Path, count: int, layers: dict[str, PooledLoraLinear]) -> None:
+    """Loads blocks 0..count-1 from their adapter folders into the frozen part of each pooled layer."""
+    blocks = [_read_block(root, index, layers) for index in range(count)]
+    for name, layer in layers.items():
+        layer.load_old_blocks([block[name] for block in blocks])
+
+
+@torch.no_grad()
+def load_newest_lora_block(root: Path, index: int, layers: dict[str, PooledLoraLinear]) -> None:
+    """Loads block ``index`` into the trainable (newest) slot of each pooled layer."""
+    for name, (a, b) in _read_block(root, index, layers).items():
+        layers[name].lora_A.copy_(a)
+        layers[name].lora_B.copy_(b)
 
 
 def save_router(router: SharedAttention, out_dir: Path) -> None:
