@@ -20,4 +20,4 @@ def test_pool_cost_runs_in_short_mode():
     for row in ("SAPT-LoRA, 3 blocks", "SAPT-LoRA, 1 block", "PEFT LoRA, unmerged", "PEFT LoRA, merged (no adapter)"):
         assert row in out
     assert "train step  3 blocks / 1 block" in out
-    assert "verdict:" in out
+    assert "\nverdict" in out and "the 1.15x target" in out

@@ -248,3 +248,16 @@ def test_a_finished_state_loads_back_to_the_same_model(name, tmp_path):
     torch.testing.assert_close(again.loss, expected.loss)
     with pytest.raises(Exception, match="mid-task|not a"):
         build_method(name, {}, PET).load_finished(load_backbone("embedded:tiny-t5"), tmp_path)
+
+
+def test_hand_written_pool_backward_matches_finite_differences():
+    from sapt.pet.lora_pool import _PooledDelta
+
+    torch.manual_seed(0)
+    dbl = {"dtype": torch.double}
+    x = torch.randn(2, 3, 6, **dbl, requires_grad=True)
+    scale = torch.rand(2, 1, 8, **dbl, requires_grad=True)
+    old_a, old_b = torch.randn(4, 6, **dbl), torch.randn(5, 4, **dbl)
+    new_a = torch.randn(4, 6, **dbl, requires_grad=True)
+    new_b = torch.randn(5, 4, **dbl, requires_grad=True)
+    assert torch.autograd.gradcheck(_PooledDelta.apply, (x, scale, old_a, old_b, new_a, new_b))
