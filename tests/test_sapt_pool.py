@@ -261,3 +261,34 @@ def test_hand_written_pool_backward_matches_finite_differences():
     new_a = torch.randn(4, 6, **dbl, requires_grad=True)
     new_b = torch.randn(5, 4, **dbl, requires_grad=True)
     assert torch.autograd.gradcheck(_PooledDelta.apply, (x, scale, old_a, old_b, new_a, new_b))
+
+
+def test_decoder_only_routes_on_the_prompt_alone_and_generates():
+    from sapt.data.collate import Collator
+
+    backbone = load_backbone("embedded:tiny-llama")
+    collator = Collator(backbone.tokenizer, False, 64, 8)
+    method = build_method("sapt-lora", {}, PET)
+    model = method.build(backbone, None, Stage(0, (0,), (0,)))
+    method.remember(model, 0, torch.tensor([1.0]))
+    prompts = ["which word comes first? red blue", "name the last one: green tea"]
+    # Two blocks with a trained-looking router, so weights depend on the input.
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        method.save(model, Path(tmp))
+        model = method.build(load_backbone("embedded:tiny-llama"), Path(tmp), Stage(1, (1,), (0, 1)))
+    _perturb([p for p in model.parameters() if p.requires_grad])
+    model.eval()
+    short = collator.train_batch(prompts, ["red", "tea"])
+    long = collator.train_batch(prompts, ["red red red red", "tea tea tea"])
+    with torch.no_grad():
+        w_short = model(**short).weights
+        w_long = model(**long).weights
+        w_prompt = model.block_weights(**collator.generation_batch(prompts))
+    torch.testing.assert_close(w_short, w_long)  # answers are never part of the query
+    torch.testing.assert_close(w_short, w_prompt)  # training and generation route alike
+    out = model.generate(**collator.generation_batch(prompts), max_new_tokens=3, do_sample=False,
+                         pad_token_id=collator.pad_id, eos_token_id=collator.eos_id)
+    assert out.shape[0] == 2
