@@ -43,6 +43,8 @@ def run_sequence(run: RunConfig) -> Path:
     Raises:
         SaptError: bad config, data, backbone, Ray address or MLflow URI (nothing registered then).
     """
+    if run.data_dir:  # workers run in Ray's own working directory: hand them an absolute path
+        run = run.model_copy(update={"data_dir": str(Path(run.data_dir).resolve())})
     output_dir = Path(run.output_dir)
     method = build_method(run.method, run.method_args, run.pet)
     tasks = load_tasks(

@@ -74,7 +74,7 @@ class RoutedModel(nn.Module):
     def router_log_weights(self, input_ids, attention_mask, labels=None, *, router: SharedAttention | None = None):
         """log alpha of each input: (B, n), from the router (or the given one)."""
         embeddings, mask = self._query_inputs(input_ids, attention_mask, labels)
-        logits = (router or self.router).logits(embeddings, mask)
+        logits = (router or self.router)(embeddings, mask)
         return torch.log_softmax(logits.float(), dim=-1)
 
     def block_weights(self, input_ids, attention_mask, labels=None,

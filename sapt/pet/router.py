@@ -81,14 +81,14 @@ class SharedAttention(nn.Module):
         """All keys, oldest first: (n, d)."""
         return torch.cat([self.old_keys.to(self.new_key.dtype), self.new_key], dim=0)
 
-    def logits(self, embeddings_BLd: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, embeddings_BLd: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
+        """The logits over the blocks, (B, n); softmax gives the attention weights alpha.
+
+        Called as a module (never as a plain method) so that ZeRO-3 gathers the key and projection.
+        """
         pooled_Bd = max_pool_embeddings(embeddings_BLd, mask_BL if self.masked_pooling else None)
         query_Bd = self.projection(pooled_Bd.to(self.new_key.dtype))
         return query_Bd @ self.keys().T / self.temperature  # (B, n)
-
-    def forward(self, embeddings_BLd: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
-        """The attention weights alpha: (B, n), rows summing to 1."""
-        return torch.softmax(self.logits(embeddings_BLd, mask_BL).float(), dim=-1)
 
     def describe(self) -> dict:
         """The JSON that, with the state dict, rebuilds this router."""
