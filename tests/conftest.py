@@ -6,3 +6,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_t5_batch():
+    """Two prompts and answers tokenized for the embedded tiny T5: enough for a loss and routing."""
+    from sapt.backbones import load_backbone
+
+    tok = load_backbone("embedded:tiny-t5").tokenizer
+    enc = tok(["copy the first word: red blue", "name the last word here: green"], padding=True, return_tensors="pt")
+    labels = tok(["red", "green"], padding=True, return_tensors="pt")["input_ids"]
+    labels[labels == tok.pad_token_id] = -100
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}

@@ -11,19 +11,15 @@ from sapt.methods.base import MemorySpec, Stage
 PET = PetConfig(lora_r=4, lora_alpha=8)
 
 
-def _batch(backbone):
-    tok = backbone.tokenizer
-    enc = tok(["copy the first word: red blue", "name the last word here: green"], padding=True, return_tensors="pt")
-    labels = tok(["red", "green"], padding=True, return_tensors="pt")["input_ids"]
-    labels[labels == tok.pad_token_id] = -100
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+@pytest.fixture
+def two_block_model(tmp_path, tiny_t5_batch):
+    return lambda ablation, **args: _two_block_model(ablation, tmp_path, tiny_t5_batch, **args)
 
 
-def _two_block_model(ablation, tmp_path, **args):
+def _two_block_model(ablation, tmp_path, batch, **args):
     """The model at task 2, after a first task whose weights were moved off their init."""
     method = build_method("sapt-lora", {"ablation": ablation, **args}, PET)
     backbone = load_backbone("embedded:tiny-t5")
-    batch = _batch(backbone)
     first = method.build(backbone, None, Stage(0, (0,), (0,)))
     with torch.no_grad():
         for p in first.parameters():
@@ -52,15 +48,15 @@ def test_what_each_ablation_remembers(ablation, expected):
     assert build_method("sapt-lora", {"ablation": ablation}, PET).memory() == expected
 
 
-def test_no_arm_adds_no_reflection_loss(tmp_path):
-    method, model, batch = _two_block_model("no-arm", tmp_path)
+def test_no_arm_adds_no_reflection_loss(two_block_model):
+    method, model, batch = two_block_model("no-arm")
     reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
     loss, terms = method.loss(model, batch, reflect)
     assert set(terms) == {"lm"} and float(loss.detach()) == pytest.approx(terms["lm"])
 
 
-def test_no_sa_trains_the_newest_block_alone_and_selects_top1(tmp_path):
-    method, model, batch = _two_block_model("no-sa", tmp_path)
+def test_no_sa_trains_the_newest_block_alone_and_selects_top1(two_block_model):
+    method, model, batch = two_block_model("no-sa")
     assert method.targets == [[1.0]]  # a classifier's target, not a measured mean
     model.train()
     weights = model.block_weights(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -75,8 +71,8 @@ def test_no_sa_trains_the_newest_block_alone_and_selects_top1(tmp_path):
     assert set(chosen.flatten().tolist()) <= {0.0, 1.0} and chosen.sum(dim=1).tolist() == [1.0, 1.0]
 
 
-def test_no_alignment_selects_with_a_separate_selector(tmp_path):
-    method, model, batch = _two_block_model("no-alignment", tmp_path)
+def test_no_alignment_selects_with_a_separate_selector(two_block_model, tmp_path):
+    method, model, batch = two_block_model("no-alignment")
     assert model.selector is not None and model.selector is not model.router
     reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
     model.train()
@@ -96,8 +92,8 @@ def test_no_alignment_selects_with_a_separate_selector(tmp_path):
     torch.testing.assert_close(third.selector.old_keys, model.selector.keys().detach())
 
 
-def test_router_lr_puts_projection_and_keys_in_their_own_group(tmp_path):
-    method, model, _ = _two_block_model("none", tmp_path, router_lr=0.01)
+def test_router_lr_puts_projection_and_keys_in_their_own_group(two_block_model):
+    method, model, _ = two_block_model("none", router_lr=0.01)
     groups = method.param_groups(model, 0.003)
     assert [g["lr"] for g in groups] == [0.003, 0.01]
     router_ids = {id(p) for p in model.router.parameters()}

@@ -104,14 +104,6 @@ def test_kl_target_is_zero_padded_at_the_newer_blocks():
 
 # -- the method on the embedded tiny T5 ---------------------------------------------------------
 
-def _batch(backbone):
-    tok = backbone.tokenizer
-    enc = tok(["copy the first word: red blue", "name the last word here: green"], padding=True, return_tensors="pt")
-    labels = tok(["red", "green"], padding=True, return_tensors="pt")["input_ids"]
-    labels[labels == tok.pad_token_id] = -100
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
-
 def _perturb(params):
     with torch.no_grad():
         for p in params:
@@ -125,13 +117,26 @@ def _finish_task(method, model, batch, task):
     method.remember(model, task, method.attention(model, batch).mean(dim=0))
 
 
-def test_one_block_equals_plain_peft_lora():
+def _two_tasks(name, tmp_path, batch):
+    """Method and model after two stand-in tasks; states saved in tmp_path/one and tmp_path/two."""
+    method = build_method(name, {}, PET)
+    first = method.build(load_backbone("embedded:tiny-t5"), None, Stage(0, (0,), (0,)))
+    _finish_task(method, first, batch, 0)
+    method.save(first, tmp_path / "one")
+    second = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1)))
+    _finish_task(method, second, batch, 1)
+    method.save(second, tmp_path / "two")
+    second.eval()
+    return method, second
+
+
+def test_one_block_equals_plain_peft_lora(tiny_t5_batch):
     backbone = load_backbone("embedded:tiny-t5")
     method = build_method("sapt-lora", {}, PET)
     model = method.build(backbone, None, Stage(0, (0,), (0,)))
     layers = method.pooled_layers()
     _perturb([p for p in model.parameters() if p.requires_grad])
-    batch = _batch(backbone)
+    batch = tiny_t5_batch
     model.eval()
     ours = model(**batch).loss
 
@@ -148,10 +153,10 @@ def test_one_block_equals_plain_peft_lora():
     assert float(ours.detach()) != pytest.approx(float(load_backbone("embedded:tiny-t5").model(**batch).loss))
 
 
-def test_second_task_trains_only_new_block_new_key_and_projection(tmp_path):
+def test_second_task_trains_only_new_block_new_key_and_projection(tmp_path, tiny_t5_batch):
     backbone = load_backbone("embedded:tiny-t5")
     method = build_method("sapt-lora", {"kl_weight": 1.0}, PET)
-    batch = _batch(backbone)
+    batch = tiny_t5_batch
     first = method.build(backbone, None, Stage(0, (0,), (0,)))
     _finish_task(method, first, batch, 0)
     method.save(first, tmp_path)
@@ -178,17 +183,9 @@ def test_second_task_trains_only_new_block_new_key_and_projection(tmp_path):
         assert not torch.equal(layer.block(1)[0], a)
 
 
-def test_a_saved_block_is_a_peft_adapter_equal_to_the_pool_with_all_weight_on_it(tmp_path):
-    backbone = load_backbone("embedded:tiny-t5")
-    method = build_method("sapt-lora", {}, PET)
-    batch = _batch(backbone)
-    first = method.build(backbone, None, Stage(0, (0,), (0,)))
-    _finish_task(method, first, batch, 0)
-    method.save(first, tmp_path / "one")
-    second = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1)))
-    _finish_task(method, second, batch, 1)
-    method.save(second, tmp_path / "two")
-    second.eval()
+def test_a_saved_block_is_a_peft_adapter_equal_to_the_pool_with_all_weight_on_it(tmp_path, tiny_t5_batch):
+    batch = tiny_t5_batch
+    _, second = _two_tasks("sapt-lora", tmp_path, batch)
     for block in (0, 1):
         weights = torch.zeros(2, 2)
         weights[:, block] = 1.0
@@ -200,24 +197,24 @@ def test_a_saved_block_is_a_peft_adapter_equal_to_the_pool_with_all_weight_on_it
         torch.testing.assert_close(pool_loss, plain(**batch).loss)
 
 
-def test_a_router_saved_for_another_backbone_size_is_refused(tmp_path):
+def test_a_router_saved_for_another_backbone_size_is_refused(tmp_path, tiny_t5_batch):
     backbone = load_backbone("embedded:tiny-t5")
     method = build_method("sapt-lora", {}, PET)
     model = method.build(backbone, None, Stage(0, (0,), (0,)))
-    _finish_task(method, model, _batch(backbone), 0)
+    _finish_task(method, model, tiny_t5_batch, 0)
     method.save(model, tmp_path)
     other = build_method("sapt-lora", {"projection_dim": 7}, PET)
     with pytest.raises(Exception, match="hidden"):
         other.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1)))
 
 
-def test_sapt_prompt_builds_trains_the_prompt_and_generates():
+def test_sapt_prompt_builds_trains_the_prompt_and_generates(tiny_t5_batch):
     backbone = load_backbone("embedded:tiny-t5")
     method = build_method("sapt-prompt", {"prompt_length": 4}, PET)
     model = method.build(backbone, None, Stage(0, (0,), (0,)))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "prompts.prompt" in trainable and not any("lora" in n for n in trainable)
-    batch = _batch(backbone)
+    batch = tiny_t5_batch
     loss, _ = method.loss(model, batch)
     loss.backward()
     assert model.prompts.prompt.grad.abs().sum() > 0
@@ -227,17 +224,9 @@ def test_sapt_prompt_builds_trains_the_prompt_and_generates():
 
 
 @pytest.mark.parametrize("name", ["sapt-lora", "sapt-prompt"])
-def test_a_finished_state_loads_back_to_the_same_model(name, tmp_path):
-    backbone = load_backbone("embedded:tiny-t5")
-    method = build_method(name, {}, PET)
-    batch = _batch(backbone)
-    first = method.build(backbone, None, Stage(0, (0,), (0,)))
-    _finish_task(method, first, batch, 0)
-    method.save(first, tmp_path / "one")
-    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1)))
-    _finish_task(method, model, batch, 1)
-    method.save(model, tmp_path / "two")
-    model.eval()
+def test_a_finished_state_loads_back_to_the_same_model(name, tmp_path, tiny_t5_batch):
+    batch = tiny_t5_batch
+    _, model = _two_tasks(name, tmp_path, batch)
     with torch.no_grad():
         expected = model(**batch)
     loaded = build_method(name, {}, PET).load_finished(load_backbone("embedded:tiny-t5"), tmp_path / "two")
