@@ -198,7 +198,7 @@ def _chunks(rows: list, size: int, synced: bool, device) -> tuple[list[list], in
     if synced:
         count = torch.tensor([len(chunks)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        filler = chunks[-1] if chunks else [(-1, -1, "")]
+        filler = chunks[-1] if chunks else [(-1, -1, "x")]  # a real token: decoder-only prompts cannot be empty
         chunks += [filler] * (int(count) - len(chunks))
     return chunks, real
 
@@ -241,10 +241,12 @@ def _remember_attention(model, method: Method, collator, run, rank, world, devic
         weights = method.attention(model, batch)
         if weights is None:
             return None
-        if number < real:
-            total = weights.float().sum(dim=0) if total is None else total + weights.float().sum(dim=0)
+        if total is None:
+            total = torch.zeros(weights.shape[1], device=device)
+        if number < real:  # the rest are ZeRO-3 fillers
+            total += weights.float().sum(dim=0)
             count += weights.shape[0]
-    if total is None:  # this rank had no rows: learn the width from a one-item batch
+    if total is None:  # no rows and no fillers (never under ZeRO-3): a local call learns the width
         batch = {k: v.to(device) for k, v in collator.generation_batch(["x"]).items()}
         probe = method.attention(model, batch)
         if probe is None:
