@@ -272,9 +272,9 @@ def _evaluate(engine, method: Method, collator, run, rank, world, device, task_n
     start, done = time.perf_counter(), 0
     for number, chunk in enumerate(chunks):
         sources = [c[2] for c in chunk]
+        batch = {k: v.to(device) for k, v in collator.generation_batch(sources).items()}  # once, for both
         answers = generate_answers(model, collator, sources, max_new_tokens=run.eval.max_new_tokens,
-                                   device=device, synced_gpus=synced)
-        batch = {k: v.to(device) for k, v in collator.generation_batch(sources).items()}
+                                   device=device, synced_gpus=synced, batch=batch)
         weights = method.attention(model, batch)
         if number < real:  # the rest are ZeRO-3 fillers
             local.extend((task, item, answer) for (task, item, _), answer in zip(chunk, answers))

@@ -18,12 +18,15 @@ def generate_answers(
     max_new_tokens: int,
     device: torch.device,
     synced_gpus: bool = False,
+    batch: dict[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Greedy-decodes one batch of prompts (num_beams 1, as in SAPT's evaluation).
 
     ``synced_gpus`` keeps ZeRO-3 ranks stepping together while their sequences differ in length.
+    ``batch``: ``sources`` already tokenized by ``collator.generation_batch`` and on ``device``.
     """
-    batch = {k: v.to(device) for k, v in collator.generation_batch(sources).items()}
+    if batch is None:
+        batch = {k: v.to(device) for k, v in collator.generation_batch(sources).items()}
     out = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,

@@ -55,7 +55,7 @@ def train_epoch(
         memory = None
         if reflect is not None:
             memory = {task: {k: v.to(device) for k, v in b.items()} for task, b in reflect().items()}
-        loss, extra = method.loss(engine, batch, memory) if memory else method.loss(engine, batch)
+        loss, extra = method.loss(engine, batch, memory)
         engine.backward(loss)
         engine.step()
         stats.steps += 1
