@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from sapt.errors import SaptError
 
@@ -21,7 +22,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from sapt.runner import format_matrix, run_sequence
 
     run = load_config(args.config, args.set)
-    path = run_sequence(run)
+    path = run_sequence(run, resume=args.resume)
     results = json.loads(path.read_text())
     _shutdown_ray()  # flush forwarded worker logs before our last line
     ml = results["mlflow"]
@@ -36,6 +37,85 @@ def _cmd_metrics(args: argparse.Namespace) -> None:
 
     data = load_matrix_file(args.file)
     print(json.dumps(cl_metrics(data["matrix"], data.get("single"))))
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        raise SaptError("give --tracking-uri (e.g. sqlite:///runs/demo/mlflow.db or http://HOST:5000) "
+                        "or set MLFLOW_TRACKING_URI", source="--tracking-uri")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: Ray actors run elsewhere
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def _cmd_registry_list(args: argparse.Namespace) -> None:
+    from sapt.registry import pool_store
+
+    models = pool_store.list_pools(_tracking_uri(args))
+    for m in models:
+        aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items())
+        print(f"{m['name']:<40} {m['kind']:<7} {m['versions']:>3} versions  {m['method'] or ''}  {aliases}")
+    print(json.dumps(models))
+
+
+def _cmd_registry_show(args: argparse.Namespace) -> None:
+    from sapt.registry import pool_store
+    from sapt.registry.model_ref import parse_model_ref
+
+    ref = parse_model_ref(args.model)
+    found = pool_store.show(_tracking_uri(args), ref.name, ref.version_or_alias)
+    for version in found.get("versions", [found]):
+        tags = version["tags"]
+        metrics = " ".join(f"{k[len('metric.'):]}={float(v):.2f}" for k, v in sorted(tags.items())
+                           if k.startswith("metric."))
+        print(f"{version['uri']:<40} task {int(tags.get('task_index', -1)) + 1} {tags.get('task_name', '')}  "
+              f"{metrics}  {' '.join(version['aliases'])}")
+    print(json.dumps(found))
+
+
+def _cmd_registry_promote(args: argparse.Namespace) -> None:
+    from sapt.registry import pool_store
+    from sapt.registry.model_ref import parse_model_ref
+
+    ref = parse_model_ref(args.model, need_version=True)
+    found = pool_store.promote(_tracking_uri(args), ref.name, _version_number(args, ref), args.alias)
+    print(f"models:/{ref.name}@{args.alias} -> version {found['version']}")
+    print(json.dumps(found))
+
+
+def _version_number(args: argparse.Namespace, ref) -> int:
+    from sapt.registry import pool_store
+
+    return pool_store.show(_tracking_uri(args), ref.name, ref.version_or_alias)["version"]
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from sapt.registry import pool_store
+    from sapt.registry.model_ref import parse_model_ref
+
+    ref = parse_model_ref(args.model, need_version=True)
+    uri = _tracking_uri(args)
+    version = _version_number(args, ref)  # every actor loads this one, even if the alias moves meanwhile
+    model_config = {"device": args.device} if args.device else {}
+    if args.input is not None:
+        import pandas as pd
+
+        out = pool_store.load_pool(uri, ref.name, version, model_config=model_config).predict(
+            pd.DataFrame({"input": [args.input]}))
+        print(json.dumps({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.iloc[0].items()}))
+        return
+    from sapt.cluster.batch_predict import predict_file
+    from sapt.cluster.session import ensure_ray
+
+    source = Path(args.file)
+    target = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.jsonl")
+    ensure_ray(args.address, num_workers=args.actors, cpus_per_worker=1.0, use_gpu=False)
+    count = predict_file(uri, ref.name, str(version), source, target, actors=args.actors,
+                         batch_size=args.batch_size, model_config=model_config)
+    _shutdown_ray()
+    print(f"{count} answers from models:/{ref.name}/{version}", file=sys.stderr)
+    print(target)
 
 
 def _shutdown_ray() -> None:
@@ -55,7 +135,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="a YAML file or a preset name (e.g. demo)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key; the value is YAML (order=[sst2,rte])")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the newest interrupted run of this pool after its last registered task")
     run.set_defaults(handler=_cmd_run)
+
+    registry = commands.add_parser("registry", help="adapter pools in the MLflow model registry")
+    actions = registry.add_subparsers(dest="action", required=True)
+    uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. sqlite:///runs/demo-sapt/mlflow.db"
+    listing = actions.add_parser("list", help="every pool, blocks and router model, with versions and aliases")
+    listing.set_defaults(handler=_cmd_registry_list)
+    showing = actions.add_parser("show", help="a model's versions, or one version (NAME/VERSION, NAME@ALIAS)")
+    showing.add_argument("model", help="[models:/]NAME, NAME/VERSION or NAME@ALIAS")
+    showing.set_defaults(handler=_cmd_registry_show)
+    promoting = actions.add_parser("promote", help="point an alias (e.g. champion) at a version")
+    promoting.add_argument("model", help="NAME/VERSION or NAME@ALIAS (e.g. sapt-lora-embedded@after-t04)")
+    promoting.add_argument("alias")
+    promoting.set_defaults(handler=_cmd_registry_promote)
+    for sub in (listing, showing, promoting):
+        sub.add_argument("--tracking-uri", default="", help=uri_help)
+
+    predict = commands.add_parser("predict", help="answer prompts with a registered pool (no task ids)")
+    predict.add_argument("model", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    given = predict.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", help="one prompt, template applied as in training")
+    given.add_argument("--file", help='JSONL, one {"input": ...} per line (other fields are kept)')
+    predict.add_argument("--output", help="JSONL answers (default: FILE.predictions.jsonl beside the input)")
+    predict.add_argument("--tracking-uri", default="", help=uri_help)
+    predict.add_argument("--address", default="", help="Ray cluster for --file (default: a local Ray)")
+    predict.add_argument("--actors", type=int, default=1, help="pool replicas (Ray Data actors) for --file")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
+    predict.set_defaults(handler=_cmd_predict)
     metrics = commands.add_parser("metrics", help="AP, F.Ra, FWT, BWT of an accuracy matrix file")
     metrics.add_argument("file", help='JSON with "matrix" and optionally "single"')
     metrics.set_defaults(handler=_cmd_metrics)

@@ -5,6 +5,7 @@ Overrides are applied to the raw dict before validation, so an error names the k
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,17 @@ class EvalConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str = Field("", description="Empty: a sqlite store under output_dir.")
     experiment: str = "sapt"
+    register_pool: bool | None = Field(
+        None, description="Register each task's block, router and pool in the model registry; "
+        "null: yes for methods with a pool (sapt-lora, sapt-prompt).")
+    pool_name: str = Field("", description="The pool's registered-model name; empty: <method>-<order>.")
+
+    @field_validator("pool_name")
+    @classmethod
+    def _registry_name(cls, value: str) -> str:
+        if value and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,180}$", value):
+            raise ValueError(f"{value!r} is not a registry name (a letter or digit first, then letters, digits, _ . -)")
+        return value
 
 
 class RayConfig(_Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def _single_scores(path: str, order: list[str]) -> list[float] | None:
     return single
 
 
-def run_sequence(run: RunConfig) -> Path:
+def run_sequence(run: RunConfig, *, resume: bool = False) -> Path:
     """Runs the whole sequence and returns the path of results.json.
+
+    Args:
+        resume: continue the newest interrupted run of the same pool after its last registered task
+            (its MLflow run, accuracy matrix and remembered inputs too); from task 1 if none is registered.
 
     Raises:
         SaptError: bad config, data, backbone, Ray address or MLflow URI (nothing registered then).
@@ -58,28 +63,44 @@ def run_sequence(run: RunConfig) -> Path:
     names = [t.name for t in tasks]
     single = _single_scores(run.single_results, names)
     # Embedded backbones warm up once here, so this node's workers read them from the cache.
-    check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names)
+    identity = check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names)
     stages = method.stages(len(tasks))
 
     from sapt.cluster.session import ensure_ray
-    from sapt.cluster.trainer import fit_stage
-    from sapt.registry.tracking import SequenceTracker
+    from sapt.cluster.trainer import fit_stage, local_state
+    from sapt.registry.sequence_pool import SequencePool
+    from sapt.registry.tracking import SequenceTracker, resolve_tracking_uri
 
+    pool = SequencePool.for_run(run, resolve_tracking_uri(run.mlflow.tracking_uri, output_dir), names, identity)
+    if resume and pool is None:
+        raise SaptError("--resume continues from the pool versions registered after each task, and this run "
+                        "registers none", source="config", field="mlflow.register_pool")
+    point = pool.resume_point() if resume else None
+    if point is not None:
+        log.info("resuming run %s after task %d (%s), pool version %d", point.run_id, point.task_index + 1,
+                 names[point.task_index], point.pool_version)
+    elif resume:
+        log.info("resume: nothing of this sequence is registered in %s yet; starting from task 1", pool.name)
     # Ray first: an unreachable cluster must fail before a run is registered in MLflow.
     ensure_ray(run.ray.address, num_workers=run.num_workers, cpus_per_worker=run.ray.cpus_per_worker,
                use_gpu=run.ray.use_gpu)
     output_dir.mkdir(parents=True, exist_ok=True)
     tracker = SequenceTracker(run.mlflow.tracking_uri, run.mlflow.experiment, output_dir,
-                              run.model_dump(mode="json"), names)
+                              run.model_dump(mode="json"), names, resume_run_id=point.run_id if point else None)
     storage = run.ray.storage_path or str((output_dir / "ray").resolve())
-    matrix: list[list[float | None]] = [[None] * len(tasks) for _ in tasks]
-    routing = RoutingRecord(len(tasks))
+    progress = _Progress(len(tasks))
     memory_spec = method.memory()
     memory: dict[int, list[dict]] = {}  # task index -> what the method keeps of it
     state: str | None = None
+    done = -1  # the last stage row finished (and registered)
+    if point is not None:
+        state = _restore(point, pool, tracker, progress, memory, names, output_dir, storage)
+        done = point.task_index
     started = time.perf_counter()
     try:
         for number, stage in enumerate(stages):
+            if stage.row <= done:
+                continue
             trained = [names[i] for i in stage.train_tasks]
             log.info("stage %d/%d: training on %s", number + 1, len(stages), ", ".join(trained))
             newest = stage.train_tasks[-1]
@@ -90,16 +111,23 @@ def run_sequence(run: RunConfig) -> Path:
                                needs_memory=needs_memory)
             state = result.checkpoint_path
             scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
-            for i, value in scores.items():
-                matrix[stage.row][i] = value
+            progress.add(stage.row, scores, result.attention, names)
             log.info("after %s: %s", "+".join(trained), ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items()))
-            routing.add(stage.row, result.attention, names)
-            tracker.stage(stage.row, trained, scores, result.history, matrix, routing)
+            tracker.stage(stage.row, trained, scores, result.history, progress.matrix, progress.routing)
             if needs_memory:
-                memory[newest] = _remember(run, method, tasks, newest, result.generator_path, output_dir)
+                memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path, output_dir)
+                tracker.log_memory(memory_file)
+            tracker.log_progress(progress.to_json())
+            if pool is not None:  # last: the pool version is what --resume trusts
+                with local_state(state) as state_dir:
+                    version = pool.register(state_dir, stage.row, progress.metrics_so_far(stage.row, single),
+                                            tracker.run_id)
+                log.info("registered %s version %d (models:/%s@after-t%02d)", pool.name, version.pool, pool.name,
+                         stage.row + 1)
     except BaseException:
         tracker.fail()
         raise
+    matrix = progress.matrix
     if run.method == "single":
         single = [matrix[i][i] for i in range(len(tasks))]
     metrics = cl_metrics(matrix, single)
@@ -110,20 +138,75 @@ def run_sequence(run: RunConfig) -> Path:
         "matrix": matrix,
         "single": single,
         "metrics": metrics,
-        **routing.results(),
+        **progress.routing.results(),
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
+        **({"pool": {"name": pool.name, "uri": f"models:/{pool.name}@after-t{len(tasks):02d}"}} if pool else {}),
         "seconds": round(time.perf_counter() - started, 1),
     }
     path = output_dir / "results.json"
     path.write_text(json.dumps(results, indent=2))
-    tracker.finish(metrics, path, routing)
+    tracker.finish(metrics, path, progress.routing)
     return path
 
 
+class _Progress:
+    """The accuracy matrix and routing diagnostics so far; what a resumed run restores."""
+
+    def __init__(self, num_tasks: int):
+        self.matrix: list[list[float | None]] = [[None] * num_tasks for _ in range(num_tasks)]
+        self.routing = RoutingRecord(num_tasks)
+        self.rows: dict[int, dict] = {}
+
+    def add(self, row: int, scores: dict[int, float], attention: dict | None, names: list[str]) -> None:
+        for i, value in scores.items():
+            self.matrix[row][i] = value
+        self.routing.add(row, attention, names)
+        self.rows[row] = {"scores": {str(i): v for i, v in scores.items()}, "attention": attention}
+
+    def metrics_so_far(self, row: int, single: list[float] | None) -> dict[str, float | None]:
+        """AP, F.Ra, FWT, BWT over the tasks up to ``row``, and routing accuracy: a pool version's numbers."""
+        count = row + 1
+        metrics = cl_metrics([r[:count] for r in self.matrix[:count]], single[:count] if single else None)
+        return {**metrics, "routing_accuracy": self.routing.accuracy[row]}
+
+    def to_json(self) -> dict:
+        return {"rows": {str(row): entry for row, entry in sorted(self.rows.items())}}
+
+    def restore(self, data: dict, upto: int, names: list[str], where: str) -> None:
+        """Replays the stages 0..upto of a progress.json."""
+        rows = data.get("rows", {})
+        for row in range(upto + 1):
+            entry = rows.get(str(row))
+            if entry is None:
+                raise SaptError(f"has no stage {row + 1}: cannot restore the accuracy matrix", source=where,
+                                field="rows")
+            self.add(row, {int(i): v for i, v in entry["scores"].items()}, entry.get("attention"), names)
+
+
+def _restore(point, pool, tracker, progress: _Progress, memory: dict[int, list[dict]], names: list[str],
+             output_dir: Path, storage: str) -> str:
+    """Brings back what the interrupted run had after task ``point.task_index``: its matrix rows,
+    remembered inputs and the pool state. Returns the state path for the next stage."""
+    from sapt.cluster.trainer import place_state
+    from sapt.registry import pool_store
+
+    progress.restore(tracker.read_progress(), point.task_index, names, where=f"run {point.run_id}: progress.json")
+    for path in tracker.download_memory(output_dir / "resume"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows and rows[0]["task"] <= point.task_index:
+            memory[rows[0]["task"]] = rows
+    local = output_dir / "resume" / f"after-t{point.task_index + 1:02d}"
+    if local.exists():
+        shutil.rmtree(local)
+    pool_store.download_state(pool.tracking_uri, pool.name, point.pool_version, local)
+    return place_state(local, storage, f"{point.run_id}-resume-t{point.task_index + 1:02d}")
+
+
 def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int, generator_path: str | None,
-              output_dir: Path) -> list[dict]:
+              output_dir: Path) -> tuple[list[dict], Path]:
     """What the method keeps of finished task ``index``: a share of its real training items, or pseudo
-    prompts from its generator (Ray Data batch inference). Written to output_dir/memory/ too."""
+    prompts from its generator (Ray Data batch inference). Returns them and the JSONL file they are
+    written to, output_dir/memory/NN-task.jsonl."""
     spec = method.memory()
     task = tasks[index]
     count = max(1, int(spec.fraction * len(task.train)))
@@ -146,8 +229,9 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
             raise RuntimeError(f"{task.name}: the generator produced only empty prompts")
     folder = output_dir / "memory"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{index + 1:02d}-{task.name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    path = folder / f"{index + 1:02d}-{task.name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows, path
 
 
 def _score(task: TaskData, predictions: list[str]) -> float:

@@ -76,3 +76,38 @@ def test_unreachable_services_exit_2_without_registering(tmp_path, override, exp
     assert out.returncode == 2, out.stderr[-2000:]
     assert expected in out.stderr and "Traceback" not in out.stderr
     assert not (out_dir / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "mlflow.register_pool=true"], "mlflow.register_pool: method 'seq-lora' has no adapter pool"),
+        (["--resume"], "mlflow.register_pool: --resume continues from the pool versions"),
+        (["--set", "method=sapt-lora", "--set", "mlflow.pool_name=no spaces"], "mlflow.pool_name"),
+    ],
+)
+def test_registry_settings_that_cannot_work_exit_2_before_anything_runs(tmp_path, args, expected):
+    out_dir = tmp_path / "out"
+    out = sapt("run", "demo", "--set", f"output_dir={out_dir}", *args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert expected in out.stderr and "Traceback" not in out.stderr
+    assert not (out_dir / "mlflow.db").exists()
+
+
+def test_a_resume_with_a_changed_config_is_refused_naming_the_key(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sapt.config import load_config
+    from sapt.registry.tracking import SequenceTracker
+
+    run = load_config("demo-sapt", ["order=[first-word,last-word]"])
+    tracker = SequenceTracker("", "sapt", tmp_path, run.model_dump(mode="json"), ["first-word", "last-word"])
+    changed = run.model_copy(update={"train": run.train.model_copy(update={"lr": 0.5})})
+    with pytest.raises(Exception, match=r"train.lr \(0.003 -> 0.5\); resume with its config"):
+        SequenceTracker("", "sapt", tmp_path, changed.model_dump(mode="json"), ["first-word", "last-word"],
+                        resume_run_id=tracker.run_id)
+    moved = run.model_copy(update={"output_dir": "elsewhere", "ray": run.ray.model_copy(update={"address": "auto"})})
+    again = SequenceTracker("", "sapt", tmp_path, moved.model_dump(mode="json"), ["first-word", "last-word"],
+                            resume_run_id=tracker.run_id)
+    assert again.run_id == tracker.run_id
+    assert MlflowClient(tracker.uri).get_run(tracker.run_id).info.status == "RUNNING"

@@ -356,3 +356,71 @@ def _stop_group(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait(timeout=30)
+
+
+def _sapt(*args):
+    return subprocess.run([sys.executable, "-m", "sapt.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_the_cli_lists_shows_and_promotes_versions(registry):
+    uri = registry["uri"]
+    listed = _sapt("registry", "list", "--tracking-uri", uri)
+    assert listed.returncode == 0, listed.stderr
+    pools = {m["name"]: m for m in json.loads(listed.stdout.splitlines()[-1])}
+    assert pools["pool"]["versions"] == 2 and pools["pool-blocks"]["kind"] == "blocks"
+    shown = _sapt("registry", "show", "models:/pool@after-t01", "--tracking-uri", uri)
+    assert json.loads(shown.stdout.splitlines()[-1])["version"] == 1, shown.stderr
+    promoted = _sapt("registry", "promote", "pool/1", "stable", "--tracking-uri", uri)
+    assert promoted.returncode == 0, promoted.stderr
+    assert pool_store.show(uri, "pool", "stable")["version"] == 1
+    missing = _sapt("registry", "show", "pool@nope", "--tracking-uri", uri)
+    assert missing.returncode == 2 and "models:/pool@nope" in missing.stderr and "Traceback" not in missing.stderr
+    no_uri = subprocess.run([sys.executable, "-m", "sapt.cli", "registry", "list"], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert no_uri.returncode == 2 and "--tracking-uri" in no_uri.stderr
+
+
+def test_the_cli_predicts_one_input_and_a_file_through_ray_data_as_the_run_did(lora, registry, tmp_path):
+    uri = registry["uri"]
+    answers, weights = lora["after"][0]
+    one = _sapt("predict", "models:/pool@after-t01", "--input", INPUTS[0], "--tracking-uri", uri)
+    assert one.returncode == 0, one.stderr
+    answer = json.loads(one.stdout.splitlines()[-1])
+    assert answer["answer"] == answers[0]
+    torch.testing.assert_close(torch.tensor(answer["block_weights"]), weights[0])
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": i, "input": text}) + "\n" for i, text in enumerate(INPUTS)))
+    batch = _sapt("predict", "models:/pool/1", "--file", str(prompts), "--batch-size", "2", "--tracking-uri", uri)
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    out = Path(batch.stdout.splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2]  # in input order, other fields kept
+    assert [r["answer"] for r in rows] == answers
+    torch.testing.assert_close(torch.tensor([r["block_weights"] for r in rows]), weights)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "fine"}\n{"text": "no input field"}\n')
+    refused = _sapt("predict", "models:/pool/1", "--file", str(bad), "--tracking-uri", uri)
+    assert refused.returncode == 2 and "bad.jsonl" in refused.stderr and "line 2" in refused.stderr
+
+
+def test_resume_continues_the_newest_run_after_its_last_registered_task(lora, tmp_path):
+    from sapt.registry.sequence_pool import SequencePool
+
+    uri, first_run = _store(tmp_path)
+    client = MlflowClient(uri)
+    second_run = client.create_run(client.get_run(first_run).info.experiment_id).info.run_id
+    pool = SequencePool(tracking_uri=uri, name="resumable", order=ORDER, method="sapt-lora", method_args={},
+                        backbone_spec=BACKBONE, backbone_identity=lora["identity"], backbone_args={},
+                        benchmark="embedded", generation=GEN)
+    assert pool.resume_point() is None
+    for task in (0, 1):
+        _register(uri, "resumable", lora, task, first_run)
+    point = pool.resume_point()
+    assert (point.task_index, point.pool_version, point.run_id) == (1, 2, first_run)
+    _register(uri, "resumable", lora, 0, second_run)  # a newer run of the same order, stopped after task 1
+    point = pool.resume_point()
+    assert (point.task_index, point.pool_version, point.run_id) == (0, 3, second_run)
+    other_backbone = SequencePool(**{**pool.__dict__, "backbone_identity": BACKBONE + "@elsewhere"})
+    assert other_backbone.resume_point() is None

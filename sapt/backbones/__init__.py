@@ -88,19 +88,19 @@ def check_backbone(
     cache_dir: str | os.PathLike | None = None,
     data_dir: str | None = None,
     exclude_tasks: Sequence[str] = (),
-) -> None:
-    """Fails fast (SaptError) on a backbone that cannot load, without loading big weights.
+) -> str:
+    """Fails fast (SaptError) on a backbone that cannot load, without loading big weights; returns
+    the identity the workers' backbone will have (what registered pools are checked against).
 
     An embedded backbone is loaded, which runs its one-off warm-up here, on the driver, so the
     workers of this node find it cached. A hub model only has its config and LoRA targets checked:
     the weights are for the workers to load.
     """
     if spec.startswith(EMBEDDED_PREFIX):
-        load_backbone(spec, cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks)
-        return
+        return load_backbone(spec, cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks).identity
     from sapt.backbones.hub import check_hub_backbone
 
-    check_hub_backbone(spec, cache_dir=cache_dir)
+    return check_hub_backbone(spec, cache_dir=cache_dir)
 
 
 __all__ = ["EMBEDDED_BACKBONES", "Backbone", "check_backbone", "load_backbone"]

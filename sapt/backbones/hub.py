@@ -82,14 +82,25 @@ def _resolve(spec: str, cache_dir: str | os.PathLike | None):
     return where, kwargs, config
 
 
-def check_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> None:
+def _identity(spec: str, config) -> str:
+    """The spec, the hub commit when known, and a hash of the full config."""
+    config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
+    commit = getattr(config, "_commit_hash", None)
+    return f"{spec}@{commit[:12]}-{config_hash}" if commit else f"{spec}@{config_hash}"
+
+
+def check_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
     """What ``load_hub_backbone`` checks before reading any weights: the model exists and LoRA can adapt it.
+
+    Returns:
+        The identity the loaded backbone will have.
 
     Raises:
         SaptError: as ``load_hub_backbone`` for a missing model or an unknown architecture.
     """
     _, _, config = _resolve(spec, cache_dir)
     lora_targets_for(config.model_type)
+    return _identity(spec, config)
 
 
 def load_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> Backbone:
@@ -134,9 +145,7 @@ def load_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) 
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    config_hash = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
-    commit = getattr(config, "_commit_hash", None)
-    identity = f"{spec}@{commit[:12]}-{config_hash}" if commit else f"{spec}@{config_hash}"
+    identity = _identity(spec, config)
     logger.info("loaded backbone %s (%s, %s)", spec, config.model_type, identity)
     return Backbone(
         name=spec,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +86,27 @@ def fit_stage(
     generator = Path(result.checkpoint.path) / worker.GENERATOR_DIR
     return StageResult(checkpoint_path=result.checkpoint.path, predictions=predictions, history=history,
                        attention=attention, generator_path=str(generator) if generator.is_dir() else None)
+
+
+@contextlib.contextmanager
+def local_state(checkpoint_path: str) -> Iterator[Path]:
+    """The method state inside a stage's final checkpoint, as a local folder (downloaded when the
+    storage is remote, for as long as the block runs)."""
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as directory:
+        yield Path(directory) / worker.STATE_DIR
+
+
+def place_state(local_state_dir: Path, storage_path: str, name: str) -> str:
+    """Puts a method state from the driver where every worker reads stage inputs (the storage path);
+    returns the path to pass as a stage's ``init_state``."""
+    if "://" not in storage_path:
+        target = Path(storage_path).resolve() / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(local_state_dir, target / worker.STATE_DIR)
+        return str(target)
+    import pyarrow.fs
+
+    target = f"{storage_path.rstrip('/')}/{name}"
+    pyarrow.fs.copy_files(str(local_state_dir), f"{target}/{worker.STATE_DIR}")
+    return target

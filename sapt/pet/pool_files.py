@@ -45,6 +45,13 @@ def save_lora_block(layers: dict[str, PooledLoraLinear], index: int, out_dir: Pa
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
+    # PEFT keeps target_modules as a set, written in hash order: sort it, so the same block always
+    # gives the same bytes (the registry recognises an already-registered block by its sha256).
+    config_file = out_dir / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    if isinstance(saved.get("target_modules"), list):
+        saved["target_modules"] = sorted(saved["target_modules"])
+    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
 
 

@@ -1,5 +1,7 @@
-"""SAPT adapter pools in the MLflow model registry: after each finished task, its block, the router and
-the whole pool, each as a pyfunc model version (``pool_model.py``, "models from code").
+"""Registering SAPT adapter pools in the MLflow model registry: after each finished task, its block,
+the router and the whole pool, each as a pyfunc model version (``pool_model.py``, "models from code").
+Reading is in ``pool_reader.py``, the version files in ``pool_artifacts.py``, the MLflow client in
+``mlflow_connection.py``; their public names are re-exported here (``__all__``).
 
 Layout (``docs/registry.md``), for a pool named P:
 
@@ -16,15 +18,10 @@ duplicates. Artifacts are safetensors and JSON only, listed with their sha256 in
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import re
-import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -33,29 +30,31 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file, save_file
 
 from sapt.errors import SaptError
+from sapt.registry.mlflow_connection import check_name, connect, fluent_uris
+from sapt.registry.pool_artifacts import (
+    ALLOWED_SUFFIXES, FORMAT, KINDS, META_FILE, METHODS, content_hash, manifest, read_state, rebuild_state, stage,
+    verify_artifacts,
+)
+from sapt.registry.pool_reader import (
+    complete_pool_versions, download_block, download_state, last_complete_task, list_pools, load_pool, promote, show,
+)
+from sapt.registry.pool_versions import REGISTRY_TAG, model_versions
+
+__all__ = [
+    # registering (this module)
+    "POOL_MODEL_CODE", "NEWEST_ALIAS", "DEFAULT_EXPERIMENT", "Generation", "PoolVersion", "blocks_model",
+    "router_model", "after_alias", "register_task",
+    # re-exported: artifacts (pool_artifacts), the registry tag (pool_versions), reading (pool_reader)
+    "META_FILE", "FORMAT", "ALLOWED_SUFFIXES", "METHODS", "KINDS", "manifest", "content_hash", "verify_artifacts",
+    "rebuild_state", "REGISTRY_TAG", "complete_pool_versions", "last_complete_task", "list_pools", "show",
+    "promote", "download_state", "download_block", "load_pool",
+]
 
 POOL_MODEL_CODE = Path(__file__).with_name("pool_model.py")
-META_FILE = "version.json"  # the "meta" artifact of every version
-FORMAT = 1
-ALLOWED_SUFFIXES = (".safetensors", ".json")  # nothing that unpickles
-METHODS = ("sapt-lora", "sapt-prompt")
-KINDS = ("pool", "block", "router")
-_ARTIFACT_KEYS = {"pool": ("router", "blocks"), "block": ("block",), "router": ("router",)}  # besides "meta"
 NEWEST_ALIAS = "newest"
-REGISTRY_TAG = "sapt_registry"  # registered-model tag: pool | blocks | router
 DEFAULT_EXPERIMENT = "sapt-registry"  # where logged models go when there is no source run
-
-# State folder names (sapt/pet/pool_files.py, sapt/methods/sapt.py); repeated here so that this
-# module does not import torch-heavy method code for bookkeeping.
-_STATE_FILE, _SELECTOR_DIR = "sapt.json", "selector"
-_ROUTER_FILES = ("router.safetensors", "router.json")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_PROMPTS_FILE, _PROMPT_FILE = "prompts.safetensors", "prompt.safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,180}$")
-_ALIAS = re.compile(r"^[\w\-]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -113,248 +112,6 @@ def after_alias(task_index: int) -> str:
     return f"after-t{task_index + 1:02d}"
 
 
-# -- connecting ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Sets environment variables the user has not set, for the duration only."""
-    added = [k for k in values if k not in os.environ]
-    for key in added:
-        os.environ[key] = values[key]
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-def _connect(tracking_uri: str, *, create: bool = False) -> MlflowClient:
-    """A client on ``tracking_uri`` (registry included), after one cheap request.
-
-    Raises:
-        SaptError: empty URI, a sqlite file that does not exist (unless ``create``), or no answer.
-    """
-    if not tracking_uri:
-        raise SaptError("no MLflow tracking URI given", source="mlflow.tracking_uri")
-    if tracking_uri.startswith("sqlite:///") and not create:
-        path = Path(tracking_uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise SaptError(f"no MLflow database at {path}", source="mlflow.tracking_uri")
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    # One try, short timeout: an unreachable server must fail in seconds, not after minutes of retries.
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
-        try:
-            client.search_registered_models(max_results=1)
-        except Exception as err:
-            raise SaptError(f"MLflow registry {tracking_uri} unreachable: {err.__class__.__name__}",
-                            source="mlflow.tracking_uri") from None
-    return client
-
-
-@contextlib.contextmanager
-def _fluent_uris(tracking_uri: str) -> Iterator[None]:
-    """Points MLflow's module-level API (``log_model``, ``pyfunc.load_model``, ``models:/`` URIs) at
-    ``tracking_uri`` for tracking and registry alike; restores the URIs and their environment
-    variables as they were (MLflow's own setters would drop an ``MLFLOW_TRACKING_URI`` set by the user)."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved_env = {name: os.environ.get(name) for name in names}
-    saved_tracking, saved_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_tracking)
-        registry_utils._registry_uri = saved_registry
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _check_name(name: str, field: str = "pool_name") -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise SaptError(f"{name!r} is not a registry name (letters, digits, _ . -)", source="registry", field=field)
-
-
-# -- files: staging, manifest, verification, rebuilding a state folder ---------------------------
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if not p.is_dir())
-
-
-def manifest(artifacts: Mapping[str, Path]) -> dict[str, str]:
-    """``{"<artifact key>/<relative path>": sha256}`` over every file of every artifact but the meta file."""
-    out = {}
-    for key, root in sorted(artifacts.items()):
-        if key == "meta":
-            continue
-        for path in _files(root):
-            out[f"{key}/{path.relative_to(root).as_posix()}"] = _sha256(path)
-    return out
-
-
-def content_hash(files: Mapping[str, str]) -> str:
-    return hashlib.sha256(json.dumps(dict(sorted(files.items()))).encode()).hexdigest()
-
-
-def _check_file_types(key: str, root: Path) -> None:
-    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
-        if path.is_symlink() or not (path.is_dir() or path.is_file()):
-            raise SaptError("artifacts must be plain files", source=str(path), field=key)
-        if path.is_file() and path.suffix not in ALLOWED_SUFFIXES:
-            raise SaptError(f"only safetensors and JSON files may be pool artifacts, found {path.name!r} "
-                            "(refusing to load anything that could unpickle)", source=str(path), field=key)
-
-
-def verify_artifacts(artifacts: Mapping[str, str | Path]) -> dict:
-    """Checks a version's artifacts before anything is loaded from them; returns its ``version.json``.
-
-    Only safetensors and JSON files, exactly the files listed in ``version.json`` with the same sha256.
-
-    Raises:
-        SaptError: naming the offending file.
-    """
-    artifacts = {key: Path(path) for key, path in artifacts.items()}
-    meta_path = artifacts.get("meta")
-    if meta_path is None or not meta_path.is_file():
-        raise SaptError(f"{META_FILE} missing: not a SAPT registry version", source=str(meta_path), field="meta")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise SaptError(f"unreadable: {err}", source=str(meta_path)) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
-        raise SaptError(f"not a format-{FORMAT} SAPT registry version", source=str(meta_path), field="format")
-    wanted = {"meta", *_ARTIFACT_KEYS[meta["kind"]]}
-    if set(artifacts) != wanted:
-        raise SaptError(f"artifacts {sorted(artifacts)}, expected {sorted(wanted)}", source=str(meta_path),
-                        field="artifacts")
-    for key, root in artifacts.items():
-        if key != "meta":
-            _check_file_types(key, root)
-    found, listed = manifest(artifacts), meta.get("files", {})
-    if found != listed:
-        changed = sorted(k for k in set(found) | set(listed) if found.get(k) != listed.get(k))
-        raise SaptError(f"artifact files differ from those registered (sha256): {', '.join(changed[:5])}",
-                        source=str(meta_path.parent), field="files")
-    return meta
-
-
-
-def _read_state(state_dir: Path, method: str, task_index: int, task_names: Sequence[str]) -> dict:
-    path = state_dir / _STATE_FILE
-    if method not in METHODS:
-        raise SaptError(f"the pool registry holds SAPT states only ({', '.join(METHODS)})", source="method")
-    if not 0 <= task_index < len(task_names):
-        raise SaptError(f"task index {task_index} outside an order of {len(task_names)} tasks", source="task_index")
-    if not path.is_file():
-        raise SaptError(f"not a {method} state folder", source=str(path))
-    state = json.loads(path.read_text())
-    if state.get("method") != method:
-        raise SaptError(f"state of method {state.get('method')!r}, not {method!r}", source=str(path), field="method")
-    if state.get("blocks") != task_index + 1:
-        raise SaptError(f"{state.get('blocks')} blocks, but task {task_index} (0-based) needs {task_index + 1}",
-                        source=str(path), field="blocks")
-    if len(state.get("targets", [])) != state["blocks"]:
-        raise SaptError("the newest block has no attention target: saved mid-task", source=str(path), field="targets")
-    return state
-
-
-def _copy_files(source: Path, names: Sequence[str], dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if not (source / name).is_file():
-            raise SaptError("missing from the state folder", source=str(source / name))
-        shutil.copyfile(source / name, dest / name)
-
-
-@dataclass
-class _Staged:
-    blocks: list[Path]  # one folder per block, oldest first
-    blocks_root: Path
-    router: Path
-    pet: dict
-
-
-def _stage(state_dir: Path, state: dict, out: Path) -> _Staged:
-    """Copies the whitelisted files of a state folder into per-artifact folders."""
-    count = state["blocks"]
-    blocks_root = out / "blocks"
-    blocks = [blocks_root / f"block-{i:03d}" for i in range(count)]
-    pet: dict = {}
-    if state["method"] == "sapt-lora":
-        for index, dest in enumerate(blocks):
-            _copy_files(state_dir / "blocks" / dest.name, _ADAPTER_FILES, dest)
-            config = json.loads((dest / "adapter_config.json").read_text())
-            this = {"lora_r": int(config["r"]), "lora_alpha": float(config["lora_alpha"])}
-            if pet and this != pet:
-                raise SaptError(f"block {index} has rank/alpha {this}, block 0 {pet}", source=str(dest))
-            pet = this
-    else:
-        path = state_dir / _PROMPTS_FILE
-        if not path.is_file():
-            raise SaptError("prompt pool missing", source=str(path))
-        prompts = load_file(str(path))["prompts"]  # (n, P, d)
-        if prompts.shape[0] != count:
-            raise SaptError(f"{prompts.shape[0]} prompts for {count} blocks", source=str(path))
-        for index, dest in enumerate(blocks):
-            dest.mkdir(parents=True)
-            save_file({"prompt": prompts[index].contiguous()}, str(dest / _PROMPT_FILE))
-    router = out / "router"
-    _copy_files(state_dir, (*_ROUTER_FILES, _STATE_FILE), router)
-    if (state_dir / _SELECTOR_DIR).is_dir():  # the no-alignment ablation's separate selector
-        _copy_files(state_dir / _SELECTOR_DIR, _ROUTER_FILES, router / _SELECTOR_DIR)
-    return _Staged(blocks=blocks, blocks_root=blocks_root, router=router, pet=pet)
-
-
-def rebuild_state(artifacts: Mapping[str, str | Path], meta: dict, out_dir: Path) -> Path:
-    """Writes the state folder ``load_finished`` reads from a verified pool version's artifacts.
-
-    Returns:
-        ``out_dir``, holding sapt.json, the router, and blocks/ (sapt-lora) or prompts.safetensors.
-    """
-    if meta["kind"] != "pool":
-        raise SaptError(f"a {meta['kind']} version, not a pool", source=str(artifacts["meta"]), field="kind")
-    blocks_root, router = Path(artifacts["blocks"]), Path(artifacts["router"])
-    blocks = sorted(p for p in blocks_root.iterdir() if p.is_dir())
-    if [p.name for p in blocks] != [f"block-{i:03d}" for i in range(meta["blocks"])]:
-        raise SaptError(f"expected blocks block-000..block-{meta['blocks'] - 1:03d}", source=str(blocks_root))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if meta["method"] == "sapt-lora":
-        for block in blocks:
-            _copy_files(block, _ADAPTER_FILES, out_dir / "blocks" / block.name)
-    else:
-        import torch
-
-        prompts = [load_file(str(b / _PROMPT_FILE)).get("prompt") for b in blocks]
-        for block, prompt in zip(blocks, prompts):
-            if prompt is None or prompt.dim() != 2 or prompt.shape != prompts[0].shape:
-                raise SaptError("expected one (P, d) tensor 'prompt', the same shape in every block",
-                                source=str(block / _PROMPT_FILE))
-        stacked = torch.stack(prompts)  # (n, P, d)
-        save_file({"prompts": stacked.contiguous()}, str(out_dir / _PROMPTS_FILE))
-    _copy_files(router, (*_ROUTER_FILES, _STATE_FILE), out_dir)
-    if (router / _SELECTOR_DIR).is_dir():
-        _copy_files(router / _SELECTOR_DIR, _ROUTER_FILES, out_dir / _SELECTOR_DIR)
-    state = json.loads((out_dir / _STATE_FILE).read_text())
-    if state.get("blocks") != meta["blocks"] or state.get("method") != meta["method"]:
-        raise SaptError(f"sapt.json says {state.get('method')} with {state.get('blocks')} blocks, version.json "
-                        f"{meta['method']} with {meta['blocks']}", source=str(router / _STATE_FILE))
-    return out_dir
-
-
 # -- registering ----------------------------------------------------------------------------------
 
 def _requirements() -> list[str]:
@@ -407,21 +164,9 @@ def _ensure_registered(client: MlflowClient, name: str, kind: str, pool_name: st
                         source="pool_name")
 
 
-def _versions(client: MlflowClient, name: str) -> list:
-    """Every version of ``name`` (READY or not), oldest first."""
-    out, token = [], None
-    while True:
-        page = client.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            break
-    return sorted(out, key=lambda v: int(v.version))
-
-
 def _find(client: MlflowClient, name: str, **tags: str) -> Any | None:
     """The oldest READY version whose tags include all of ``tags``."""
-    for version in _versions(client, name):
+    for version in model_versions(client, name):
         if version.status == "READY" and all(version.tags.get(k) == v for k, v in tags.items()):
             return version
     return None
@@ -498,11 +243,11 @@ def register_task(
         SaptError: bad state folder or names, unreachable registry, unknown source run, or this task
             of this run already registered with different weights.
     """
-    _check_name(pool_name)
+    check_name(pool_name)
     state_dir = Path(state_dir)
     names = [str(n) for n in task_names]
-    state = _read_state(state_dir, method, task_index, names)
-    client = _connect(tracking_uri, create=True)
+    state = read_state(state_dir, method, task_index, names)
+    client = connect(tracking_uri, create=True)
     experiment_id = _experiment(client, tracking_uri, source_run_id)
     order = json.dumps(names)
     run = source_run_id or ""
@@ -511,7 +256,7 @@ def register_task(
 
     with tempfile.TemporaryDirectory(prefix="sapt-registry-") as tmp:
         work = Path(tmp)
-        staged = _stage(state_dir, state, work)
+        staged = stage(state_dir, state, work)
         base_meta = {
             "format": FORMAT, "pool": pool_name, "method": method, "method_args": dict(method_args),
             "pet": staged.pet,
@@ -539,7 +284,7 @@ def register_task(
             return PoolVersion(pool_name, task_index, int(existing.version), int(existing.tags["router_version"]),
                                tuple(json.loads(existing.tags["block_versions"])), created=False)
 
-        with _fluent_uris(tracking_uri):
+        with fluent_uris(tracking_uri):
             block_versions = []
             for index, block in enumerate(staged.blocks):
                 artifacts = {"block": block}
@@ -591,192 +336,3 @@ def _set_aliases(client: MlflowClient, pool_name: str, version: int, task_index:
         current = 0
     if version > current:
         client.set_registered_model_alias(pool_name, NEWEST_ALIAS, str(version))
-
-
-# -- what --resume reads --------------------------------------------------------------------------
-
-def complete_pool_versions(tracking_uri: str, pool_name: str, order: Sequence[str], *,
-                           source_run_id: str | None = None, method: str | None = None,
-                           backbone_identity: str | None = None) -> dict[int, int]:
-    """{0-based task index: pool version} of the tasks whose pool version was registered (READY).
-
-    Block and router versions alone never count: an interrupted registration leaves at most those.
-    Filters: the order always; the source run, method and backbone identity when given.
-    """
-    _check_name(pool_name)
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        return {}  # a first run: its embedded store does not exist yet
-    client = _connect(tracking_uri)
-    wanted = {"kind": "pool", "order": json.dumps([str(n) for n in order])}
-    if source_run_id is not None:
-        wanted["source_run_id"] = source_run_id
-    if method is not None:
-        wanted["method"] = method
-    if backbone_identity is not None:
-        wanted["backbone_identity"] = backbone_identity
-    try:
-        client.get_registered_model(pool_name)
-    except MlflowException:
-        return {}
-    out: dict[int, int] = {}
-    for version in _versions(client, pool_name):
-        if version.status == "READY" and all(version.tags.get(k) == v for k, v in wanted.items()):
-            out.setdefault(int(version.tags["task_index"]), int(version.version))
-    return out
-
-
-def last_complete_task(tracking_uri: str, pool_name: str, order: Sequence[str], *,
-                       source_run_id: str | None = None, method: str | None = None,
-                       backbone_identity: str | None = None) -> int | None:
-    """The highest 0-based task index with a registered pool version (see ``complete_pool_versions``);
-    None when there is none. ``--resume`` restarts after it, from ``download_state`` of that version."""
-    done = complete_pool_versions(tracking_uri, pool_name, order, source_run_id=source_run_id, method=method,
-                                  backbone_identity=backbone_identity)
-    return max(done) if done else None
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-def _resolve(client: MlflowClient, tracking_uri: str, name: str, version_or_alias: str | int):
-    """The model version a number or an alias names.
-
-    Raises:
-        SaptError: no such registered model (field ``name``), version (``version``) or alias (``alias``).
-    """
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise SaptError(f"no registered model {name!r} in {tracking_uri}", source=f"models:/{name}",
-                        field="name") from None
-    ref = str(version_or_alias)
-    if ref.isdigit():
-        try:
-            return client.get_model_version(name, ref)
-        except MlflowException:
-            raise SaptError(f"model {name!r} has no version {ref} in {tracking_uri}", source=f"models:/{name}/{ref}",
-                            field="version") from None
-    try:
-        return client.get_model_version_by_alias(name, ref)
-    except MlflowException:
-        raise SaptError(f"model {name!r} has no alias {ref!r} in {tracking_uri}", source=f"models:/{name}@{ref}",
-                        field="alias") from None
-
-
-def _version_dict(version) -> dict:
-    return {
-        "name": version.name, "version": int(version.version), "uri": f"models:/{version.name}/{version.version}",
-        "status": version.status, "aliases": sorted(getattr(version, "aliases", []) or []),
-        "tags": dict(version.tags), "source": version.source, "run_id": version.run_id,
-        "created": version.creation_timestamp,
-    }
-
-
-def _aliases(model) -> dict[str, int]:
-    return {alias: int(version) for alias, version in sorted((model.aliases or {}).items())}
-
-
-def list_pools(tracking_uri: str) -> list[dict]:
-    """Every SAPT registered model (pools, their blocks and routers) as plain dicts, by name."""
-    client = _connect(tracking_uri)
-    out, token = [], None
-    while True:
-        page = client.search_registered_models(max_results=1000, page_token=token)
-        for model in page:
-            kind = model.tags.get(REGISTRY_TAG)
-            if kind is None:
-                continue
-            versions = _versions(client, model.name)
-            out.append({
-                "name": model.name, "kind": kind, "pool": model.tags.get("pool", model.name),
-                "versions": len(versions), "latest_version": int(versions[-1].version) if versions else None,
-                "aliases": _aliases(model),
-                "order": json.loads(versions[-1].tags["order"]) if versions and "order" in versions[-1].tags else None,
-                "method": versions[-1].tags.get("method") if versions else None,
-                "backbone": versions[-1].tags.get("backbone") if versions else None,
-            })
-        token = page.token
-        if not token:
-            break
-    return sorted(out, key=lambda m: m["name"])
-
-
-def show(tracking_uri: str, name: str, version_or_alias: str | int | None = None) -> dict:
-    """One version (by number or alias) as a plain dict; without one, the model and all its versions."""
-    client = _connect(tracking_uri)
-    if version_or_alias is not None:
-        return _version_dict(_resolve(client, tracking_uri, name, version_or_alias))
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException:
-        raise SaptError(f"no registered model {name!r} in {tracking_uri}", source=f"models:/{name}",
-                        field="name") from None
-    return {"name": model.name, "tags": dict(model.tags), "aliases": _aliases(model),
-            "versions": [_version_dict(v) for v in _versions(client, name)]}
-
-
-def promote(tracking_uri: str, name: str, version: str | int, alias: str) -> dict:
-    """Points ``alias`` (e.g. ``champion``) at ``version``; returns the version as ``show`` does.
-
-    Raises:
-        SaptError: unknown model or version, or an alias MLflow reserves or refuses (field ``alias``).
-    """
-    client = _connect(tracking_uri)
-    if not str(version).isdigit():
-        raise SaptError(f"{version!r} is not a version number", source=f"models:/{name}", field="version")
-    if not _ALIAS.match(alias) or alias.lower() == "latest" or re.match(r"^[vV]\d+$", alias):
-        raise SaptError(f"{alias!r} cannot be an alias (letters, digits, _ and -; not 'latest' nor v<N>)",
-                        source=f"models:/{name}", field="alias")
-    found = _resolve(client, tracking_uri, name, version)
-    client.set_registered_model_alias(name, alias, found.version)
-    return _version_dict(client.get_model_version(name, found.version))
-
-
-def _download(client: MlflowClient, tracking_uri: str, name: str, version_or_alias, dst: Path) -> tuple[dict, dict]:
-    """Downloads a version; returns (artifact paths by key, verified version.json)."""
-    from mlflow.models import Model
-
-    version = _resolve(client, tracking_uri, name, version_or_alias)
-    with _fluent_uris(tracking_uri):  # models:/ URIs resolve through the global registry URI
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                         dst_path=str(dst)))
-    config = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
-    artifacts = {key: local / info["path"] for key, info in config.items()}
-    return artifacts, verify_artifacts(artifacts)
-
-
-def download_state(tracking_uri: str, pool_name: str, version_or_alias: str | int, out_dir: str | Path) -> Path:
-    """The state folder of a pool version, for ``method.build`` (``--resume``) or ``load_finished``.
-
-    Raises:
-        SaptError: unknown model/version/alias, not a pool version, or artifacts that fail verification.
-    """
-    client = _connect(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="sapt-download-") as tmp:
-        artifacts, meta = _download(client, tracking_uri, pool_name, version_or_alias, Path(tmp))
-        return rebuild_state(artifacts, meta, Path(out_dir))
-
-
-def download_block(tracking_uri: str, blocks_name: str, version_or_alias: str | int, out_dir: str | Path) -> Path:
-    """A block version's folder (sapt-lora: a PEFT adapter for ``PeftModel.from_pretrained``), copied
-    to ``out_dir``; returns ``out_dir``."""
-    client = _connect(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="sapt-download-") as tmp:
-        artifacts, meta = _download(client, tracking_uri, blocks_name, version_or_alias, Path(tmp))
-        if meta["kind"] != "block":
-            raise SaptError(f"a {meta['kind']} version, not a block", source=f"models:/{blocks_name}", field="kind")
-        shutil.copytree(artifacts["block"], out_dir, dirs_exist_ok=True)
-    return Path(out_dir)
-
-
-def load_pool(tracking_uri: str, name: str, version_or_alias: str | int, *,
-              model_config: Mapping[str, Any] | None = None):
-    """``mlflow.pyfunc.load_model`` of a version, with SaptErrors for unknown names, versions and aliases.
-
-    Args:
-        model_config: load-time overrides read by ``pool_model.py``: ``device``, ``cache_dir``, ``data_dir``.
-    """
-    client = _connect(tracking_uri)
-    version = _resolve(client, tracking_uri, name, version_or_alias)
-    with _fluent_uris(tracking_uri):
-        return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}",
-                                        model_config=dict(model_config) if model_config else None)

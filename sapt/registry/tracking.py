@@ -11,11 +11,17 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sapt.errors import SaptError
 from sapt.evaluation.plots import attention_heatmap, matrix_heatmap
 from sapt.evaluation.routing import RoutingRecord
+
+PROGRESS_FILE = "progress.json"
+MEMORY_DIR = "memory"
+# Config keys a resumed run may change: where things run and are stored, not what is learned.
+RESUMABLE_CHANGES = ("ray.", "mlflow.", "output_dir", "data_dir", "eval.batch_size")
 
 
 def resolve_tracking_uri(tracking_uri: str, output_dir: Path) -> str:
@@ -37,9 +43,11 @@ class SequenceTracker:
     Args:
         config: the run config as a plain dict (logged as flattened params).
         task_names: the order.
+        resume_run_id: continue this parent run (``--resume``) instead of opening a new one.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, output_dir: Path, config: dict, task_names: list[str]):
+    def __init__(self, tracking_uri: str, experiment: str, output_dir: Path, config: dict, task_names: list[str],
+                 resume_run_id: str | None = None):
         self.uri = resolve_tracking_uri(tracking_uri, output_dir)
         self.task_names = task_names
         self.params: dict[str, str] = {}
@@ -54,11 +62,56 @@ class SequenceTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
+        if resume_run_id:
+            self._reopen(resume_run_id, task_names)
+            return
         parent = self.client.create_run(self.experiment_id, run_name=f"{config['method']}:{len(task_names)}-tasks",
                                         tags={"sapt.method": config["method"], "sapt.backbone": config["backbone"]})
         self.run_id = parent.info.run_id
         self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in self.params.items()])
         self.client.log_param(self.run_id, "order_names", json.dumps(task_names)[:6000])
+
+    def _reopen(self, run_id: str, task_names: list[str]) -> None:
+        """Continues an interrupted sequence's parent run, refusing a config that would change its results."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise SaptError(f"the run {run_id} that registered the pool is not in {self.uri}",
+                            source="mlflow.tracking_uri") from None
+        logged = dict(run.data.params)
+        ours = {k: v[:6000] for k, v in self.params.items()}
+        ours["order_names"] = json.dumps(task_names)[:6000]
+        differing = sorted(k for k in set(logged) | set(ours)
+                           if not k.startswith(RESUMABLE_CHANGES) and logged.get(k) != ours.get(k))
+        if differing:
+            shown = ", ".join(f"{k} ({logged.get(k)} -> {ours.get(k)})" for k in differing[:6])
+            raise SaptError(f"differs from the interrupted run {run_id}: {shown}; resume with its config",
+                            source="config", field=differing[0])
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_progress(self, progress: dict) -> None:
+        """What a resumed run needs of the stages so far (matrix, routing summaries), as progress.json."""
+        self.client.log_dict(self.run_id, progress, PROGRESS_FILE)
+
+    def read_progress(self) -> dict:
+        """The progress.json of this (reopened) run; empty when it finished no stage."""
+        try:
+            return mlflow.artifacts.load_dict(f"{self.client.get_run(self.run_id).info.artifact_uri}/{PROGRESS_FILE}")
+        except (MlflowException, OSError):
+            return {}
+
+    def log_memory(self, path: Path) -> None:
+        """A finished task's remembered inputs (JSONL), kept with the run so that a resume finds them."""
+        self.client.log_artifact(self.run_id, str(path), MEMORY_DIR)
+
+    def download_memory(self, dest: Path) -> list[Path]:
+        """The remembered inputs logged so far, as JSONL files in ``dest``."""
+        if not self.client.list_artifacts(self.run_id, MEMORY_DIR):
+            return []
+        local = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=MEMORY_DIR, dst_path=str(dest),
+                                                    tracking_uri=self.uri)
+        return sorted(Path(local).glob("*.jsonl"))
 
     def _check_reachable(self) -> None:
         if not self.uri.startswith("http"):
