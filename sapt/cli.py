@@ -29,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(format_matrix(results))
     print(f"MLflow: experiment {ml['experiment_id']}, run {ml['run_id']}; "
           f"browse with: mlflow ui --backend-store-uri {ml['tracking_uri']}")
-    print(path)
+    print(path.resolve())
 
 
 def _cmd_metrics(args: argparse.Namespace) -> None:
@@ -118,6 +118,39 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(target)
 
 
+def _cmd_submit(args: argparse.Namespace) -> None:
+    from sapt.cluster import jobs
+    from sapt.config import load_config
+
+    run = load_config(args.config, args.set)  # a bad config fails here, not minutes later on the cluster
+    job_args = ["--config-json", run.model_dump_json(), *(["--resume"] if args.resume else [])]
+    job_id = jobs.submit(args.address, jobs.entrypoint("run_sequence", job_args), submission_id=args.job_id,
+                         env_vars=jobs.env_for_job(), num_gpus=args.driver_gpus,
+                         metadata={"sapt.method": run.method, "sapt.config": args.config})
+    print(f"submitted; follow with: sapt logs {job_id} --follow --address {args.address}", file=sys.stderr)
+    print(job_id)
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    from sapt.cluster import jobs
+
+    print(jobs.status(args.address, args.job_id))
+
+
+def _cmd_logs(args: argparse.Namespace) -> None:
+    from sapt.cluster import jobs
+
+    for chunk in jobs.logs(args.address, args.job_id, follow=args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def _cmd_stop(args: argparse.Namespace) -> None:
+    from sapt.cluster import jobs
+
+    print(jobs.stop(args.address, args.job_id))
+
+
 def _shutdown_ray() -> None:
     try:
         import ray
@@ -126,6 +159,11 @@ def _shutdown_ray() -> None:
             ray.shutdown()
     except ImportError:
         pass
+
+
+def _default_address() -> str:
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address.startswith(("http://", "https://")) else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     predict.set_defaults(handler=_cmd_predict)
+
+    address_help = "the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS when it is an http URL)"
+    submit = commands.add_parser("submit", help="run a sequence on a Ray cluster as a Ray job; prints the job id")
+    submit.add_argument("config", help="a YAML file or a preset name, read here and sent whole")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for `sapt run`")
+    submit.add_argument("--resume", action="store_true", help="as for `sapt run`")
+    submit.add_argument("--job-id", default=None, help="a submission id of your choice (default: Ray's)")
+    submit.add_argument("--driver-gpus", type=float, default=0, help="GPUs for the job's driver (default 0)")
+    submit.set_defaults(handler=_cmd_submit)
+    status = commands.add_parser("status", help="a job's status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED")
+    status.set_defaults(handler=_cmd_status)
+    logs = commands.add_parser("logs", help="a job's output")
+    logs.add_argument("--follow", action="store_true", help="stream until the job ends")
+    logs.set_defaults(handler=_cmd_logs)
+    stop = commands.add_parser("stop", help="stop a job; prints its status once stopped")
+    stop.set_defaults(handler=_cmd_stop)
+    for sub in (status, logs, stop):
+        sub.add_argument("job_id")
+    for sub in (submit, status, logs, stop):
+        sub.add_argument("--address", default=_default_address(), help=address_help)
     metrics = commands.add_parser("metrics", help="AP, F.Ra, FWT, BWT of an accuracy matrix file")
     metrics.add_argument("file", help='JSON with "matrix" and optionally "single"')
     metrics.set_defaults(handler=_cmd_metrics)

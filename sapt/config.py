@@ -43,10 +43,13 @@ class PetConfig(_Strict):
 class EvalConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="Generation batch per worker.")
     max_new_tokens: int = Field(50, ge=1, description="Greedy decoding length (SAPT: 50).")
+    split: Literal["test", "val"] = Field(
+        "test", description="Score the matrix on test, or on the validation items carved from train "
+        "(what sweeps optimise: test is never used to choose a config).")
 
 
 class MlflowConfig(_Strict):
-    tracking_uri: str = Field("", description="Empty: a sqlite store under output_dir.")
+    tracking_uri: str = Field("", description="Empty: $MLFLOW_TRACKING_URI, else a sqlite store under output_dir.")
     experiment: str = "sapt"
     register_pool: bool | None = Field(
         None, description="Register each task's block, router and pool in the model registry; "

@@ -5,11 +5,13 @@ The only module that sees every layer. Bad input is found before anything is reg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sapt.backbones import check_backbone
@@ -38,12 +40,17 @@ def _single_scores(path: str, order: list[str]) -> list[float] | None:
     return single
 
 
-def run_sequence(run: RunConfig, *, resume: bool = False) -> Path:
+def run_sequence(run: RunConfig, *, resume: bool = False,
+                 on_stage: Callable[[int, dict[str, float | None]], None] | None = None,
+                 run_tags: dict[str, str] | None = None) -> Path:
     """Runs the whole sequence and returns the path of results.json.
 
     Args:
         resume: continue the newest interrupted run of the same pool after its last registered task
             (its MLflow run, accuracy matrix and remembered inputs too); from task 1 if none is registered.
+        on_stage: called after each stage with its matrix row and the metrics over the tasks so far
+            (a sweep reports them to Tune).
+        run_tags: extra tags on the MLflow parent run (a sweep's trial name).
 
     Raises:
         SaptError: bad config, data, backbone, Ray address or MLflow URI (nothing registered then).
@@ -60,6 +67,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False) -> Path:
         val_size=run.val_size,
         seed=run.seed,
     )
+    if run.eval.split == "val":
+        tasks = _scored_on_validation(tasks)
     names = [t.name for t in tasks]
     single = _single_scores(run.single_results, names)
     # Embedded backbones warm up once here, so this node's workers read them from the cache.
@@ -86,7 +95,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False) -> Path:
                use_gpu=run.ray.use_gpu)
     output_dir.mkdir(parents=True, exist_ok=True)
     tracker = SequenceTracker(run.mlflow.tracking_uri, run.mlflow.experiment, output_dir,
-                              run.model_dump(mode="json"), names, resume_run_id=point.run_id if point else None)
+                              run.model_dump(mode="json"), names, resume_run_id=point.run_id if point else None,
+                              tags=run_tags)
     storage = run.ray.storage_path or str((output_dir / "ray").resolve())
     progress = _Progress(len(tasks))
     memory_spec = method.memory()
@@ -124,6 +134,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False) -> Path:
                                             tracker.run_id)
                 log.info("registered %s version %d (models:/%s@after-t%02d)", pool.name, version.pool, pool.name,
                          stage.row + 1)
+            if on_stage is not None:
+                on_stage(stage.row, progress.metrics_so_far(stage.row, single))
     except BaseException:
         tracker.fail()
         raise
@@ -200,6 +212,15 @@ def _restore(point, pool, tracker, progress: _Progress, memory: dict[int, list[d
         shutil.rmtree(local)
     pool_store.download_state(pool.tracking_uri, pool.name, point.pool_version, local)
     return place_state(local, storage, f"{point.run_id}-resume-t{point.task_index + 1:02d}")
+
+
+def _scored_on_validation(tasks: list[TaskData]) -> list[TaskData]:
+    """``eval.split: val``: every evaluation reads the validation items in place of test."""
+    for task in tasks:
+        if not task.val:
+            raise SaptError(f"eval.split is val, but task {task.name!r} has no validation items", source="config",
+                            field="val_size")
+    return [dataclasses.replace(task, test=list(task.val)) for task in tasks]
 
 
 def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int, generator_path: str | None,

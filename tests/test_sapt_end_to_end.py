@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -66,3 +67,22 @@ def test_mlflow_has_attention_heatmaps_and_the_arm_loss(sapt_run):
     second = [c for c in children if c.data.tags["sapt.task_index"] == "2"][0]
     assert len(client.get_metric_history(second.info.run_id, "train_arm_kl")) == 12
     assert len(client.get_metric_history(run_id, "routing_accuracy")) == 2
+
+
+def test_the_registered_pool_after_each_task_answers_as_the_run_did(sapt_run):
+    from sapt.data.loading import load_tasks
+    from sapt.registry import pool_store
+
+    results, out_dir = sapt_run
+    uri, run_id, pool = results["mlflow"]["tracking_uri"], results["mlflow"]["run_id"], results["pool"]["name"]
+    assert results["pool"]["uri"] == f"models:/{pool}@after-t02"
+    tasks = load_tasks(None, ["first-word", "last-word"], max_train_per_task=400, max_eval_per_task=60,
+                       val_size=40, seed=42)  # the preset's caps, as the run loaded them
+    for t in (1, 2):
+        stage = out_dir / "ray" / f"{run_id}-stage{t:02d}" / "final"
+        made = json.loads((stage / "predictions.json").read_text())
+        model = pool_store.load_pool(uri, pool, f"after-t{t:02d}", model_config={"device": "cpu"})
+        for task in tasks[:t]:
+            answers = model.predict(pd.DataFrame({"input": [ex.source for ex in task.test]}))["answer"].tolist()
+            assert answers == made[task.name], (t, task.name)
+    assert pool_store.show(uri, pool, "newest")["tags"]["source_run_id"] == run_id

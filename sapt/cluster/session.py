@@ -21,9 +21,14 @@ WORKER_ENV = {
 
 
 def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
-    """Connects to ``address``, or starts a local Ray when it is empty; no-op if already connected."""
+    """Connects to ``address``, or starts a local Ray when it is empty; no-op if already connected.
+
+    Inside a Ray job (``sapt submit``) an empty address means the job's own cluster: the job
+    supervisor sets ``RAY_ADDRESS``.
+    """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS", "")
     env = dict(WORKER_ENV, DS_ACCELERATOR="cuda" if use_gpu else "cpu")
     if address:
         _probe(address)

@@ -25,8 +25,9 @@ RESUMABLE_CHANGES = ("ray.", "mlflow.", "output_dir", "data_dir", "eval.batch_si
 
 
 def resolve_tracking_uri(tracking_uri: str, output_dir: Path) -> str:
-    """Empty means the embedded default: a sqlite store inside the run's output folder."""
-    return tracking_uri or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    """Empty means ``$MLFLOW_TRACKING_URI`` (as a cluster's nodes set it), else the embedded default:
+    a sqlite store inside the run's output folder."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
 
 
 def _flatten(prefix: str, value, out: dict[str, str]) -> None:
@@ -44,10 +45,11 @@ class SequenceTracker:
         config: the run config as a plain dict (logged as flattened params).
         task_names: the order.
         resume_run_id: continue this parent run (``--resume``) instead of opening a new one.
+        tags: extra tags on a new parent run.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, output_dir: Path, config: dict, task_names: list[str],
-                 resume_run_id: str | None = None):
+                 resume_run_id: str | None = None, tags: dict[str, str] | None = None):
         self.uri = resolve_tracking_uri(tracking_uri, output_dir)
         self.task_names = task_names
         self.params: dict[str, str] = {}
@@ -58,7 +60,7 @@ class SequenceTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             # Artifacts beside the sqlite store, so one folder holds the whole embedded run.
-            location = (output_dir / "mlartifacts").resolve().as_uri() if not tracking_uri else None
+            location = (output_dir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite:") else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
@@ -66,7 +68,8 @@ class SequenceTracker:
             self._reopen(resume_run_id, task_names)
             return
         parent = self.client.create_run(self.experiment_id, run_name=f"{config['method']}:{len(task_names)}-tasks",
-                                        tags={"sapt.method": config["method"], "sapt.backbone": config["backbone"]})
+                                        tags={"sapt.method": config["method"], "sapt.backbone": config["backbone"],
+                                              **(tags or {})})
         self.run_id = parent.info.run_id
         self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in self.params.items()])
         self.client.log_param(self.run_id, "order_names", json.dumps(task_names)[:6000])
