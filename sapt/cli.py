@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     predict.set_defaults(handler=_cmd_predict)
 
+    from sapt.tuning.cli import add_sweep_command
+
+    add_sweep_command(commands)
+
     address_help = "the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS when it is an http URL)"
     submit = commands.add_parser("submit", help="run a sequence on a Ray cluster as a Ray job; prints the job id")
     submit.add_argument("config", help="a YAML file or a preset name, read here and sent whole")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 POOL = "resume-pool"
 SETTINGS = [
-    "order=[first-word,last-word]", "train.epochs=2", "max_train_per_task=64", "max_eval_per_task=16",
+    "order=[first-word,last-word]", "train.epochs=1", "max_train_per_task=48", "max_eval_per_task=8",
     "val_size=8", "method_args.generator_steps=4", "method_args.generator_max_new_tokens=12",
     f"mlflow.pool_name={POOL}",
 ]

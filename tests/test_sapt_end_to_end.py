@@ -86,3 +86,18 @@ def test_the_registered_pool_after_each_task_answers_as_the_run_did(sapt_run):
             answers = model.predict(pd.DataFrame({"input": [ex.source for ex in task.test]}))["answer"].tolist()
             assert answers == made[task.name], (t, task.name)
     assert pool_store.show(uri, pool, "newest")["tags"]["source_run_id"] == run_id
+
+
+def test_the_evaluation_job_scores_the_registered_pool_as_the_run_did(sapt_run):
+    results, _ = sapt_run
+    uri, pool = results["mlflow"]["tracking_uri"], results["pool"]["name"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate_pool", f"models:/{pool}@after-t02", "--tracking-uri", uri,
+         "--max-train-per-task", "400", "--max-eval-per-task", "60", "--val-size", "40"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(scored["scores"].values()) == results["matrix"][-1]  # no task ids, same answers, same scores
+    run = MlflowClient(uri).get_run(scored["run_id"])
+    assert run.data.metrics["mean_score"] == pytest.approx(sum(results["matrix"][-1]) / 2)

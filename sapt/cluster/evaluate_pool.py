@@ -1,0 +1,72 @@
+"""Scoring a registered pool on a benchmark with Ray Data batch inference: every task of its order,
+no task ids (the router picks the blocks), one MLflow run with a score per task and their mean."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import ray
+
+from sapt.cluster.batch_predict import PoolPredictor
+from sapt.data.loading import load_tasks
+from sapt.errors import SaptError
+from sapt.evaluation.metrics import score_task
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_pool(tracking_uri: str, name: str, version_or_alias: str, *, data_dir: str | None,
+                  max_train_per_task: int | None, max_eval_per_task: int | None, seed: int = 42, val_size: int = 50, split: str = "test",
+                  actors: int = 1, batch_size: int = 32, experiment: str = "sapt-eval") -> dict:
+    """Scores pool ``name`` at ``version_or_alias`` on every task of the order it was trained on.
+
+    The task items are loaded as ``sapt run`` loads them (the run's ``seed``, ``val_size`` and caps
+    give the same items). Returns ``{"pool", "version", "order", "scores": {task: 0-100}, "mean", "run_id"}``.
+
+    Raises:
+        SaptError: unknown pool/version/alias, not a pool version, or missing task data.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from sapt.registry import pool_store
+
+    found = pool_store.show(tracking_uri, name, version_or_alias)
+    tags = found["tags"]
+    if tags.get("kind") != "pool":
+        raise SaptError(f"a {tags.get('kind')} version, not a pool", source=found["uri"], field="kind")
+    order = json.loads(tags["order"])[: int(tags["task_index"]) + 1]  # the tasks this version has learned
+    tasks = load_tasks(data_dir, order, max_train_per_task=max_train_per_task, max_eval_per_task=max_eval_per_task,
+                       val_size=val_size, seed=seed)
+    rows = [{"input": ex.source, "task": i, "item": n} for i, task in enumerate(tasks)
+            for n, ex in enumerate(task.val if split == "val" else task.test)]
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    log.info("scoring %s version %d on %d items of %d tasks", name, found["version"], len(rows), len(tasks))
+    answered = ray.data.from_items(rows).map_batches(
+        PoolPredictor,
+        fn_constructor_kwargs={"tracking_uri": tracking_uri, "name": name, "version": str(found["version"]),
+                               "model_config": {}},
+        batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+    ).take_all()
+    answers: dict[int, dict[int, str]] = {i: {} for i in range(len(tasks))}
+    for row in answered:
+        answers[int(row["task"])][int(row["item"])] = str(row["answer"])
+    scores = {}
+    for i, task in enumerate(tasks):
+        items = task.val if split == "val" else task.test
+        scores[task.name] = score_task(task.kind, [answers[i][n] for n in range(len(items))],
+                                       [ex.references for ex in items])
+    mean = sum(scores.values()) / len(scores)
+    client = MlflowClient(tracking_uri)
+    existing = client.get_experiment_by_name(experiment)
+    experiment_id = existing.experiment_id if existing else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=f"{name}-v{found['version']}-{split}",
+                            tags={"sapt.pool": name, "sapt.pool_version": str(found["version"]), "sapt.split": split})
+    client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(f"score.{k}", v, 0, 0) for k, v in scores.items()]
+                     + [mlflow.entities.Metric("mean_score", mean, 0, 0)])
+    client.set_terminated(run.info.run_id)
+    return {"pool": name, "version": found["version"], "order": order, "split": split, "scores": scores,
+            "mean": mean, "run_id": run.info.run_id}
