@@ -1,20 +1,13 @@
 """`sapt sweep`: argument parsing only. ``add_sweep_command`` plugs it into the `sapt` parser.
 
 Logs go to stderr; the last stdout line is the best config's YAML path (one order), or a JSON object
-order -> path (several). ``python -m sapt.tuning.cli sweep ...`` runs it stand-alone.
+order -> path (several).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
-
-from sapt.errors import SaptError
-
-EXIT_BAD_INPUT = 2
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
@@ -53,22 +46,3 @@ def add_sweep_command(subparsers) -> argparse.ArgumentParser:
                             "folder is resumed even without it)")
     sweep.set_defaults(handler=_cmd_sweep)
     return sweep
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point with the same parsing and error mapping as `sapt`."""
-    parser = argparse.ArgumentParser(prog="sapt")
-    add_sweep_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("SAPT_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        args.handler(args)
-    except SaptError as err:
-        print(f"sapt: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
