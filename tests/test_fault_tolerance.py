@@ -1,6 +1,8 @@
 """Fault tolerance for real: SIGKILL one Ray Train worker mid-task; the stage resumes from its last epoch.
 
-`sapt run demo` runs in a subprocess with its own local Ray and `ray.max_failures=1`. As soon as the
+`sapt run demo` (SeqLoRA on two embedded tasks) runs in a subprocess with its own local Ray and
+`ray.max_failures=1`. The same run is the suite's SeqLoRA end-to-end check: results.json, learning
+then forgetting, and the MLflow runs. As soon as the
 Train controller has registered the first epoch checkpoint (it lists it in the run's
 checkpoint_manager_snapshot.json, which is what a restarted worker group resumes from), the test
 SIGKILLs one `ray::RayTrainWorker` process that descends from that subprocess. The run must still
@@ -20,13 +22,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 5
 KILL_RANK = 1  # rank 0 prints the progress lines; killing rank 1 keeps them intact up to the kill
 ARGS = [
-    "order=[first-word]", "num_workers=2", "train.zero_stage=2", f"train.epochs={EPOCHS}",
+    "order=[first-word,last-word]", "num_workers=2", "train.zero_stage=2", f"train.epochs={EPOCHS}",
     # 800 items: 25 steps per epoch (1-5 s on 2 cores). The controller registers a checkpoint at its
     # next 2 s poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); epochs 2-5 leave the kill room after that.
     "max_train_per_task=800", "max_eval_per_task=40", "ray.max_failures=1",
@@ -209,11 +212,33 @@ def test_run_survives_a_killed_worker(killed_run):
     assert last == str(killed_run["out_dir"] / "results.json")
 
 
-def test_the_task_is_still_learned(killed_run):
+def test_seq_lora_learns_each_task_then_forgets_the_first_despite_the_kill(killed_run):
     results = json.loads((killed_run["out_dir"] / "results.json").read_text())
     a = results["matrix"]
+    assert results["order"] == ["first-word", "last-word"] and results["method"] == "seq-lora"
     # An untrained LoRA scores about 0 and any fixed word under 15; uninterrupted runs reach 100.
     assert a[0][0] >= 80, a
+    assert a[0][1] is None and a[1][1] >= 40, a  # the continuing LoRA learns its second task more slowly
+    assert a[1][0] < a[0][0] - 20, a  # sequential LoRA overwrote task 1
+    assert set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT"}
+    assert results["metrics"]["F.Ra"] == pytest.approx(a[0][0] - a[1][0])
+
+
+def test_mlflow_holds_a_parent_and_one_nested_run_per_task(killed_run):
+    results = json.loads((killed_run["out_dir"] / "results.json").read_text())
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    parent = client.get_run(results["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["a_2_1"] == pytest.approx(results["matrix"][1][0])
+    assert parent.data.params["method"] == "seq-lora"
+    children = client.search_runs(
+        [results["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"accuracy_matrix.json", "accuracy_matrix.png", "results.json"} <= artifacts
+    losses = client.get_metric_history(children[0].info.run_id, "train_loss")
+    assert len(losses) > 5
 
 
 def test_the_new_worker_group_resumes_after_the_last_checkpoint(killed_run):
@@ -228,7 +253,7 @@ def test_the_new_worker_group_resumes_after_the_last_checkpoint(killed_run):
     assert 1 <= registered <= after <= EPOCHS, (registered, after)
     # And trained on from there: its first progress line is epoch after+1, never epoch 1 again.
     tail = stderr[stderr.index(f"resumed after epoch {after}"):]
-    epochs_after = [int(n) for n in re.findall(rf"epoch (\d+)/{EPOCHS} step", tail)]
+    epochs_after = [int(n) for n in re.findall(rf"\[stage 1/2 [^\]]*\] epoch (\d+)/{EPOCHS} step", tail)]
     if after < EPOCHS:
         assert epochs_after and epochs_after[0] == after + 1, epochs_after
     assert all(n > after for n in epochs_after), epochs_after

@@ -31,7 +31,7 @@ def test_sapt_learns_the_second_task_without_forgetting_the_first(sapt_run):
     a = results["matrix"]
     assert a[0][0] >= 80, a
     assert a[1][1] >= 80, a
-    # SeqLoRA on the same pair drops task 1 by 60-90 points (test_end_to_end.py); SAPT keeps it.
+    # SeqLoRA on the same pair drops task 1 by 60-90 points (test_fault_tolerance.py); SAPT keeps it.
     assert a[1][0] >= a[0][0] - 10, a
 
 
