@@ -79,15 +79,16 @@ def _cmd_registry_promote(args: argparse.Namespace) -> None:
     from sapt.registry.model_ref import parse_model_ref
 
     ref = parse_model_ref(args.model, need_version=True)
-    found = pool_store.promote(_tracking_uri(args), ref.name, _version_number(args, ref), args.alias)
+    uri = _tracking_uri(args)
+    found = pool_store.promote(uri, ref.name, _version_number(uri, ref), args.alias)
     print(f"models:/{ref.name}@{args.alias} -> version {found['version']}")
     print(json.dumps(found))
 
 
-def _version_number(args: argparse.Namespace, ref) -> int:
+def _version_number(uri: str, ref) -> int:
     from sapt.registry import pool_store
 
-    return pool_store.show(_tracking_uri(args), ref.name, ref.version_or_alias)["version"]
+    return pool_store.show(uri, ref.name, ref.version_or_alias)["version"]
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -96,7 +97,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     ref = parse_model_ref(args.model, need_version=True)
     uri = _tracking_uri(args)
-    version = _version_number(args, ref)  # every actor loads this one, even if the alias moves meanwhile
+    version = _version_number(uri, ref)  # every actor loads this one, even if the alias moves meanwhile
     model_config = {"device": args.device} if args.device else {}
     if args.input is not None:
         import pandas as pd

@@ -128,14 +128,14 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                 memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path, output_dir)
                 tracker.log_memory(memory_file)
             tracker.log_progress(progress.to_json())
+            so_far = progress.metrics_so_far(stage.row, single)
             if pool is not None:  # last: the pool version is what --resume trusts
                 with local_state(state) as state_dir:
-                    version = pool.register(state_dir, stage.row, progress.metrics_so_far(stage.row, single),
-                                            tracker.run_id)
+                    version = pool.register(state_dir, stage.row, so_far, tracker.run_id)
                 log.info("registered %s version %d (models:/%s@after-t%02d)", pool.name, version.pool, pool.name,
                          stage.row + 1)
             if on_stage is not None:
-                on_stage(stage.row, progress.metrics_so_far(stage.row, single))
+                on_stage(stage.row, so_far)
     except BaseException:
         tracker.fail()
         raise

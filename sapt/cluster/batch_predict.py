@@ -54,14 +54,15 @@ class PoolPredictor:
         return batch.assign(**{column: out[column].tolist() for column in out.columns})
 
 
-def predict_file(tracking_uri: str, name: str, version: str, input_path: Path, output_path: Path, *,
-                 actors: int = 1, batch_size: int = 32, model_config: dict | None = None) -> int:
-    """Answers every row of ``input_path`` (other fields are passed through); returns the row count."""
-    rows = check_input_file(input_path)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # output line i answers input line i
-    context.enable_progress_bars = False
-    answered = ray.data.read_json(str(input_path.resolve()), lines=True).map_batches(
+def answered(dataset, tracking_uri: str, name: str, version: str, *, actors: int = 1, batch_size: int = 32,
+             model_config: dict | None = None):
+    """``dataset`` (a column ``input``, others kept) with the pool's ``answer`` and ``block_weights``
+    added, rows in their input order."""
+    from sapt.cluster.worker import quiet_ray_data
+
+    quiet_ray_data()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return dataset.map_batches(
         PoolPredictor,
         fn_constructor_kwargs={"tracking_uri": tracking_uri, "name": name, "version": version,
                                "model_config": dict(model_config or {})},
@@ -70,11 +71,19 @@ def predict_file(tracking_uri: str, name: str, version: str, input_path: Path, o
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
     )
+
+
+def predict_file(tracking_uri: str, name: str, version: str, input_path: Path, output_path: Path, *,
+                 actors: int = 1, batch_size: int = 32, model_config: dict | None = None) -> int:
+    """Answers every row of ``input_path`` (other fields are passed through); returns the row count."""
+    rows = check_input_file(input_path)
+    answers = answered(ray.data.read_json(str(input_path.resolve()), lines=True), tracking_uri, name, version,
+                       actors=actors, batch_size=batch_size, model_config=model_config)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(output_path.name + ".partial")
     written = 0
     with partial.open("w") as handle:
-        for row in _rows(answered):
+        for row in _rows(answers):
             handle.write(json.dumps(row) + "\n")
             written += 1
     if written != rows:

@@ -8,7 +8,7 @@ import logging
 
 import ray
 
-from sapt.cluster.batch_predict import PoolPredictor
+from sapt.cluster.batch_predict import answered
 from sapt.data.loading import load_tasks
 from sapt.errors import SaptError
 from sapt.evaluation.metrics import score_task
@@ -41,18 +41,11 @@ def evaluate_pool(tracking_uri: str, name: str, version_or_alias: str, *, data_d
                        val_size=val_size, seed=seed)
     rows = [{"input": ex.source, "task": i, "item": n} for i, task in enumerate(tasks)
             for n, ex in enumerate(task.val if split == "val" else task.test)]
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True
-    context.enable_progress_bars = False
     log.info("scoring %s version %d on %d items of %d tasks", name, found["version"], len(rows), len(tasks))
-    answered = ray.data.from_items(rows).map_batches(
-        PoolPredictor,
-        fn_constructor_kwargs={"tracking_uri": tracking_uri, "name": name, "version": str(found["version"]),
-                               "model_config": {}},
-        batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-    ).take_all()
+    rows_out = answered(ray.data.from_items(rows), tracking_uri, name, str(found["version"]), actors=actors,
+                        batch_size=batch_size).take_all()
     answers: dict[int, dict[int, str]] = {i: {} for i in range(len(tasks))}
-    for row in answered:
+    for row in rows_out:
         answers[int(row["task"])][int(row["item"])] = str(row["answer"])
     scores = {}
     for i, task in enumerate(tasks):
