@@ -127,6 +127,9 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
             if needs_memory:
                 memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path, output_dir)
                 tracker.log_memory(memory_file)
+                if result.generator_path:
+                    uri = tracker.log_generator(result.generator_path, memory_file.stem)
+                    log.info("%s's pseudo-sample generator: %s", names[newest], uri)
             tracker.log_progress(progress.to_json())
             so_far = progress.metrics_so_far(stage.row, single)
             if pool is not None:  # last: the pool version is what --resume trusts
@@ -235,7 +238,7 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
         picks = random.Random(run.seed * 7919 + index).sample(task.train, min(count, len(task.train)))
         rows = [{"task": index, "source": ex.source, "target": ex.target} for ex in picks]
     else:
-        from sapt.cluster.pseudo import generate_pseudo_prompts
+        from sapt.cluster.pseudo import generate_pseudo_prompts, pseudo_seed
 
         if generator_path is None:
             raise RuntimeError(f"{task.name}: the stage saved no pseudo-sample generator")
@@ -243,7 +246,7 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
         rows = generate_pseudo_prompts(
             backbone=run.backbone, data_dir=run.data_dir or None, exclude_tasks=[t.name for t in tasks],
             generator_path=generator_path, settings=method.generator_settings(), task=index, count=count,
-            seed=run.seed * 7919 + index,
+            seed=pseudo_seed(run.seed, index),
         )
         rows = [{**r, "target": ""} for r in rows]
         if not rows:

@@ -28,7 +28,7 @@ from sapt.backbones.warmup import (
     cached_weights,
     span_reconstruction_warmup,
 )
-from sapt.data.embedded import TASK_NAMES, VOCABULARY, build_task
+from sapt.data.embedded import VOCABULARY, build_task
 from sapt.errors import SaptError
 
 # Small specs: same code paths as the registered ones, a fraction of the cost.
@@ -318,19 +318,12 @@ def exact_match(backbone, examples) -> float:
     return sum(p.strip() == ex.target for p, ex in zip(preds, examples)) / len(examples)
 
 
-@pytest.mark.slow
-def test_lora_alone_learns_an_embedded_task_on_tiny_t5():
-    backbone = load_backbone("embedded:tiny-t5")  # default cache: the first run warms up (~2 min)
-    task = build_task(TASK_NAMES[-1], num_train=1000, num_val=0, num_test=100, seed=1)
-    tok = backbone.tokenizer
-    model = get_peft_model(backbone.model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
-                                                      target_modules=backbone.lora_targets))
-    untrained = exact_match(backbone, task.test)
+def _train_lora(model, tok, task, steps: int, seed: int) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(250):
+    for _ in range(steps):
         picked = [task.train[i] for i in torch.randint(len(task.train), (16,), generator=gen).tolist()]
         batch = tok([ex.source for ex in picked], padding=True, return_tensors="pt")
         labels = tok(text_target=[ex.target for ex in picked], padding=True, return_tensors="pt")["input_ids"]
@@ -339,6 +332,22 @@ def test_lora_alone_learns_an_embedded_task_on_tiny_t5():
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    trained = exact_match(backbone, task.test)
+
+
+@pytest.mark.slow
+def test_lora_alone_learns_an_embedded_task_then_sequential_lora_forgets_it():
+    """What SeqLoRA does on the embedded pair: learns each task, and the second overwrites the first."""
+    backbone = load_backbone("embedded:tiny-t5")  # default cache: the first run warms up (~2 min)
+    first, second = (build_task(name, num_train=1000, num_val=0, num_test=100, seed=1)
+                     for name in ("first-word", "last-word"))
+    tok = backbone.tokenizer
+    model = get_peft_model(backbone.model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
+                                                      target_modules=backbone.lora_targets))
+    untrained = exact_match(backbone, first.test)
+    _train_lora(model, tok, first, steps=250, seed=0)
+    learned = exact_match(backbone, first.test)
     assert untrained < 0.1
-    assert trained > 0.8, (untrained, trained)
+    assert learned > 0.8, (untrained, learned)
+    _train_lora(model, tok, second, steps=250, seed=1)  # the same LoRA goes on to the next task
+    assert exact_match(backbone, second.test) > 0.5
+    assert exact_match(backbone, first.test) < learned - 0.2  # overwritten

@@ -6,10 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_in_process import run_cli
 
 
-def sapt(*args, cwd=None):
+def sapt_process(*args, cwd=None):
+    """`sapt` as its own process: for the cases that get as far as starting Ray."""
     return subprocess.run([sys.executable, "-m", "sapt.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+sapt = run_cli  # in this process: these cases stop before Ray or MLflow start
 
 
 def test_metrics_prints_the_metrics_object(tmp_path):
@@ -25,7 +30,7 @@ def test_metrics_prints_the_metrics_object(tmp_path):
 def test_metrics_on_a_malformed_file_exits_2(tmp_path):
     path = tmp_path / "m.json"
     path.write_text("{not json")
-    out = sapt("metrics", str(path))
+    out = sapt_process("metrics", str(path))  # the real process: its exit status
     assert out.returncode == 2
     assert "m.json" in out.stderr and "Traceback" not in out.stderr
 
@@ -72,7 +77,7 @@ def test_bad_input_exits_2_naming_the_culprit_and_registers_nothing(tmp_path, ca
 )
 def test_unreachable_services_exit_2_without_registering(tmp_path, override, expected):
     out_dir = tmp_path / "out"
-    out = sapt("run", "demo", "--set", override, "--set", f"output_dir={out_dir}")
+    out = sapt_process("run", "demo", "--set", override, "--set", f"output_dir={out_dir}")
     assert out.returncode == 2, out.stderr[-2000:]
     assert expected in out.stderr and "Traceback" not in out.stderr
     assert not (out_dir / "mlflow.db").exists()

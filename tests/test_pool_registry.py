@@ -19,6 +19,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from cli_in_process import run_cli
 from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -362,28 +363,28 @@ def _sapt(*args):
     return subprocess.run([sys.executable, "-m", "sapt.cli", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_the_cli_lists_shows_and_promotes_versions(registry):
+def test_the_cli_lists_shows_and_promotes_versions(registry, monkeypatch):
     uri = registry["uri"]
-    listed = _sapt("registry", "list", "--tracking-uri", uri)
+    listed = run_cli("registry", "list", "--tracking-uri", uri)
     assert listed.returncode == 0, listed.stderr
     pools = {m["name"]: m for m in json.loads(listed.stdout.splitlines()[-1])}
     assert pools["pool"]["versions"] == 2 and pools["pool-blocks"]["kind"] == "blocks"
-    shown = _sapt("registry", "show", "models:/pool@after-t01", "--tracking-uri", uri)
+    shown = run_cli("registry", "show", "models:/pool@after-t01", "--tracking-uri", uri)
     assert json.loads(shown.stdout.splitlines()[-1])["version"] == 1, shown.stderr
-    promoted = _sapt("registry", "promote", "pool/1", "stable", "--tracking-uri", uri)
+    promoted = run_cli("registry", "promote", "pool/1", "stable", "--tracking-uri", uri)
     assert promoted.returncode == 0, promoted.stderr
     assert pool_store.show(uri, "pool", "stable")["version"] == 1
-    missing = _sapt("registry", "show", "pool@nope", "--tracking-uri", uri)
+    missing = run_cli("registry", "show", "pool@nope", "--tracking-uri", uri)
     assert missing.returncode == 2 and "models:/pool@nope" in missing.stderr and "Traceback" not in missing.stderr
-    no_uri = subprocess.run([sys.executable, "-m", "sapt.cli", "registry", "list"], capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    no_uri = run_cli("registry", "list")
     assert no_uri.returncode == 2 and "--tracking-uri" in no_uri.stderr
 
 
 def test_the_cli_predicts_one_input_and_a_file_through_ray_data_as_the_run_did(lora, registry, tmp_path):
     uri = registry["uri"]
     answers, weights = lora["after"][0]
-    one = _sapt("predict", "models:/pool@after-t01", "--input", INPUTS[0], "--tracking-uri", uri)
+    one = run_cli("predict", "models:/pool@after-t01", "--input", INPUTS[0], "--tracking-uri", uri)
     assert one.returncode == 0, one.stderr
     answer = json.loads(one.stdout.splitlines()[-1])
     assert answer["answer"] == answers[0]
@@ -401,7 +402,7 @@ def test_the_cli_predicts_one_input_and_a_file_through_ray_data_as_the_run_did(l
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "fine"}\n{"text": "no input field"}\n')
-    refused = _sapt("predict", "models:/pool/1", "--file", str(bad), "--tracking-uri", uri)
+    refused = run_cli("predict", "models:/pool/1", "--file", str(bad), "--tracking-uri", uri)
     assert refused.returncode == 2 and "bad.jsonl" in refused.stderr and "line 2" in refused.stderr
 
 

@@ -11,19 +11,39 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.slow
 
 
+SETTINGS = [
+    "order=[first-word,last-word]", "max_eval_per_task=60",
+    "method_args.generator_steps=100", "train.zero_stage=3",  # the riskiest path: sharded weights
+]
+
+
+def _sets(settings: list[str]) -> list[str]:
+    return [x for s in settings for x in ("--set", s)]
+
+
 @pytest.fixture(scope="module")
 def sapt_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sapt-e2e")
-    args = [
-        "order=[first-word,last-word]", f"output_dir={out_dir}", "max_eval_per_task=60",
-        "method_args.generator_steps=100", "train.zero_stage=3",  # the riskiest path: sharded weights
-    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "sapt.cli", "run", "demo-sapt", *[x for a in args for x in ("--set", a)]],
+        [sys.executable, "-m", "sapt.cli", "run", "demo-sapt", *_sets([*SETTINGS, f"output_dir={out_dir}"])],
         capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
+    (out_dir / "run.stdout").write_text(proc.stdout)
     return json.loads((out_dir / "results.json").read_text()), out_dir
+
+
+def test_the_results_file_is_the_last_line_and_the_mlflow_run_holds_the_matrix(sapt_run):
+    results, out_dir = sapt_run
+    assert (out_dir / "run.stdout").read_text().strip().splitlines()[-1] == str(out_dir / "results.json")
+    assert results["order"] == ["first-word", "last-word"] and results["method"] == "sapt-lora"
+    assert results["matrix"][0][1] is None and set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT"}
+    assert results["metrics"]["F.Ra"] == pytest.approx(results["matrix"][0][0] - results["matrix"][1][0])
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    parent = client.get_run(results["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["method"] == "sapt-lora"
+    assert parent.data.metrics["a_2_1"] == pytest.approx(results["matrix"][1][0])
+    assert {"accuracy_matrix.json", "accuracy_matrix.png", "results.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_sapt_learns_the_second_task_without_forgetting_the_first(sapt_run):
@@ -31,7 +51,7 @@ def test_sapt_learns_the_second_task_without_forgetting_the_first(sapt_run):
     a = results["matrix"]
     assert a[0][0] >= 80, a
     assert a[1][1] >= 80, a
-    # SeqLoRA on the same pair drops task 1 by 60-90 points (test_fault_tolerance.py); SAPT keeps it.
+    # A sequential LoRA on the same pair drops task 1 (test_backbones.py); SAPT keeps it.
     assert a[1][0] >= a[0][0] - 10, a
 
 
@@ -56,6 +76,22 @@ def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
     assert all(r["task"] == 0 and r["source"].strip() and r["target"] == "" for r in rows)
 
 
+def test_the_generation_job_rewrites_the_runs_pseudo_prompts_from_the_logged_generator(sapt_run, tmp_path):
+    results, out_dir = sapt_run
+    generator = f"runs:/{results['mlflow']['run_id']}/generators/01-first-word"
+    output = tmp_path / "first-word.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.generate_pseudo", "demo-sapt", *_sets(SETTINGS), "--task", "first-word",
+         "--generator", generator, "--tracking-uri", results["mlflow"]["tracking_uri"], "--output", str(output),
+         "--actors", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(output)
+    # The run's seed and settings: the same prompts the run kept, whatever the number of actors.
+    assert output.read_text() == (out_dir / "memory" / "01-first-word.jsonl").read_text()
+
+
 def test_mlflow_has_attention_heatmaps_and_the_arm_loss(sapt_run):
     results, _ = sapt_run
     client = MlflowClient(results["mlflow"]["tracking_uri"])
@@ -64,6 +100,7 @@ def test_mlflow_has_attention_heatmaps_and_the_arm_loss(sapt_run):
     assert {"attention_test.png", "attention_train.png", "accuracy_matrix.png"} <= artifacts
     children = client.search_runs([results["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{run_id}'",
                                   order_by=["tags.sapt.task_index"])
+    assert len(children) == 2  # one nested run per task
     second = [c for c in children if c.data.tags["sapt.task_index"] == "2"][0]
     assert len(client.get_metric_history(second.info.run_id, "train_arm_kl")) == 12
     assert len(client.get_metric_history(run_id, "routing_accuracy")) == 2

@@ -1,8 +1,8 @@
 """ARM's pseudo samples as Ray Data batch inference: an actor pool of generators writes task prompts.
 
-Each actor loads the backbone once and the task's generator adapter, then samples one batch of
-prompts per input row batch. Seeds come from the rows, so the output does not depend on how
-many actors ran.
+Each actor loads the backbone once and the task's generator adapter. One input row stands for one
+sampling batch (its seed and size), so the prompts depend on the seed and the batch size alone, not
+on how many actors ran or how Ray Data cut the blocks; they come back in batch order.
 """
 
 from __future__ import annotations
@@ -29,23 +29,34 @@ class PromptSampler:
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seeds = batch["seed"]
-        texts = sample_prompts(self.model, self.collator, len(seeds), self.settings, seed=int(seeds[0]))
-        return {"task": batch["task"], "source": np.array(texts, dtype=object)}
+        tasks, positions, texts = [], [], []
+        for task, seed, start, count in zip(batch["task"], batch["seed"], batch["start"], batch["count"]):
+            sampled = sample_prompts(self.model, self.collator, int(count), self.settings, seed=int(seed))
+            tasks += [int(task)] * len(sampled)
+            positions += range(int(start), int(start) + len(sampled))
+            texts += sampled
+        return {"task": np.array(tasks), "position": np.array(positions), "source": np.array(texts, dtype=object)}
+
+
+def pseudo_seed(run_seed: int, task_index: int) -> int:
+    """The sampling seed of task ``task_index``'s pseudo prompts: a run and a later generation job
+    given the same run seed write the same prompts."""
+    return run_seed * 7919 + task_index
 
 
 def generate_pseudo_prompts(*, backbone: str, data_dir: str | None, exclude_tasks: list[str], generator_path: str,
                             settings: GeneratorSettings, task: int, count: int, seed: int,
                             actors: int = 1, batch_size: int = 16) -> list[dict]:
     """``count`` pseudo prompts of task ``task``: rows {"task", "source"}, empty generations dropped."""
-    seeds = ray.data.from_items([{"task": task, "seed": seed * 100003 + i} for i in range(count)])
-    generated = seeds.map_batches(
+    plan = [{"task": task, "seed": seed * 100003 + start, "start": start, "count": min(batch_size, count - start)}
+            for start in range(0, count, batch_size)]
+    generated = ray.data.from_items(plan).map_batches(
         PromptSampler,
         fn_constructor_kwargs={"backbone": backbone, "data_dir": data_dir, "exclude_tasks": exclude_tasks,
                                "generator_path": generator_path, "settings": settings},
-        batch_size=batch_size,
+        batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
     )
-    rows = generated.take_all()
+    rows = sorted(generated.take_all(), key=lambda r: int(r["position"]))
     return [{"task": int(r["task"]), "source": str(r["source"])} for r in rows if str(r["source"]).strip()]

@@ -30,6 +30,7 @@ from sapt.evaluation.generate import generate_answers
 from sapt.methods import build_method
 from sapt.methods.base import Method, Stage
 from sapt.methods.pseudo_generator import GENERATOR_DIR, generator_batch, generator_collator, new_generator
+from sapt.train.rng_state import restore_rng, save_rng
 
 STATE_DIR = "state"  # method.save output inside a checkpoint
 ENGINE_DIR = "engine"  # DeepSpeed engine + optimizer state, for resuming within a task
@@ -112,18 +113,22 @@ def train_stage(loop_config: dict) -> None:
     engine = build_engine(model, run.train, use_bf16=use_bf16, param_groups=method.param_groups(model, run.train.lr))
     collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, run.train.max_source_len, run.train.max_target_len)
 
-    # [2] A restarted worker group (or a re-driven run of the same name) continues from its last epoch.
+    reflect_rng = random.Random(run.seed + 104729 * stage.row + rank)  # which remembered inputs to reflect
+
+    # [2] A restarted worker group (or a re-driven run of the same name) continues from its last epoch,
+    # with the random state that epoch ended with: it ends as an uninterrupted run would.
     history: list[dict] = []
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as directory:
             engine.load_checkpoint(str(Path(directory) / ENGINE_DIR), load_module_strict=False)
             history = json.loads((Path(directory) / HISTORY_FILE).read_text())
+            restore_rng(Path(directory), rank, reflect_rng)
         _say(rank, f"{label} resumed after epoch {len(history)}")
 
     # [1] This worker's shard of the stage's training stream, and the remembered inputs of earlier tasks.
     shard = ray.train.get_dataset_shard("train")
-    reflect = _reflect_sampler(collator, run.train.batch_size, seed=run.seed + 104729 * stage.row + rank)
+    reflect = _reflect_sampler(collator, run.train.batch_size, reflect_rng)
     for epoch in range(len(history), run.train.epochs):
 
         def progress(step: int, loss: float, tps: float, epoch=epoch) -> None:
@@ -147,6 +152,7 @@ def train_stage(loop_config: dict) -> None:
         # [3] Engine state from every rank, the method's state and the loss history from rank 0.
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(str(Path(tmp) / ENGINE_DIR), tag=f"epoch{epoch + 1}", exclude_frozen_parameters=True)
+            save_rng(Path(tmp), rank, reflect_rng)
             with _whole_trainable(engine, run.train.zero_stage):
                 if rank == 0:
                     method.save(engine.module, Path(tmp) / STATE_DIR)
@@ -203,7 +209,7 @@ def _chunks(rows: list, size: int, synced: bool, device) -> tuple[list[list], in
     return chunks, real
 
 
-def _reflect_sampler(collator: Collator, batch_size: int, seed: int):
+def _reflect_sampler(collator: Collator, batch_size: int, rng: random.Random):
     """Per micro-batch, one batch of remembered inputs of every earlier task (None: nothing kept).
 
     The memory dataset is small (2% of each task): each worker holds it whole and samples from it.
@@ -220,7 +226,6 @@ def _reflect_sampler(collator: Collator, batch_size: int, seed: int):
             by_task.setdefault(int(task), []).append(str(source))
     if not by_task:
         return None
-    rng = random.Random(seed)
 
     def draw() -> dict[int, dict[str, torch.Tensor]]:
         return {task: collator.generation_batch([rng.choice(items) for _ in range(batch_size)])

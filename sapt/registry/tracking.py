@@ -20,6 +20,7 @@ from sapt.evaluation.routing import RoutingRecord
 
 PROGRESS_FILE = "progress.json"
 MEMORY_DIR = "memory"
+GENERATORS_DIR = "generators"  # ARM: each task's pseudo-sample generator, for jobs/generate_pseudo.py
 # Config keys a resumed run may change: where things run and are stored, not what is learned.
 RESUMABLE_CHANGES = ("ray.", "mlflow.", "output_dir", "data_dir", "eval.batch_size")
 
@@ -107,6 +108,11 @@ class SequenceTracker:
     def log_memory(self, path: Path) -> None:
         """A finished task's remembered inputs (JSONL), kept with the run so that a resume finds them."""
         self.client.log_artifact(self.run_id, str(path), MEMORY_DIR)
+
+    def log_generator(self, path: str, name: str) -> str:
+        """A finished task's pseudo-sample generator (a PEFT adapter folder); returns its ``runs:/`` URI."""
+        self.client.log_artifacts(self.run_id, path, f"{GENERATORS_DIR}/{name}")
+        return f"runs:/{self.run_id}/{GENERATORS_DIR}/{name}"
 
     def download_memory(self, dest: Path) -> list[Path]:
         """The remembered inputs logged so far, as JSONL files in ``dest``."""

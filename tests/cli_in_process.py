@@ -1,0 +1,28 @@
+"""`sapt` called in the test's own process, as the console script calls it (sapt.cli.main).
+
+For commands that stop before Ray starts (bad input, registry queries): it saves the seconds of
+imports a subprocess pays per call. The result looks like subprocess.run's; the environment is put
+back as it was, since some commands set defaults in os.environ.
+"""
+
+import contextlib
+import io
+import os
+import subprocess
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    from sapt.cli import main
+
+    saved = dict(os.environ)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's own errors
+                code = exit_.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())

@@ -1,0 +1,99 @@
+"""jobs/generate_pseudo.py: a task's pseudo prompts from its generator, apart from the run.
+
+The generators here are fresh (untrained) LoRA generators on the embedded tiny T5, saved by PEFT: real
+adapter files whose samples are noise, enough to check seeding, ordering and the refusals. That a
+trained generator gives back exactly a run's memory is checked in test_sapt_end_to_end.py.
+"""
+
+import json
+
+import pytest
+import ray
+
+from jobs.generate_pseudo import main
+from sapt.backbones import load_backbone
+from sapt.config import load_config
+from sapt.methods import build_method
+from sapt.methods.pseudo_generator import new_generator
+
+SETS = ["--set", "order=[first-word,last-word]"]
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    run = load_config("demo-sapt", ["order=[first-word,last-word]"])
+    settings = build_method(run.method, run.method_args, run.pet).generator_settings()
+    folder = tmp_path_factory.mktemp("generator")
+    new_generator(load_backbone(run.backbone, exclude_tasks=["first-word", "last-word"]), settings).save_pretrained(folder)
+    return folder, settings
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module; the job's ensure_ray joins it instead of starting its own."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=3, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _refused(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_requests_are_refused_before_any_work(generator, tmp_path, capsys):
+    folder, _ = generator
+    out = tmp_path / "out.jsonl"
+    common = ["--generator", str(folder), "--output", str(out)]
+    err = _refused(capsys, "demo", "--task", "first-word", *common)  # SeqLoRA keeps no pseudo samples
+    assert "config: method" in err and "seq-lora" in err
+    err = _refused(capsys, "demo-sapt", *SETS, "--task", "no-such-task", *common)
+    assert "--task" in err and "first-word, last-word" in err
+    err = _refused(capsys, "demo-sapt", *SETS, "--task", "first-word", "--count", "0", *common)
+    assert "--count" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _refused(capsys, "demo-sapt", *SETS, "--task", "first-word", "--generator", str(empty), "--output", str(out))
+    assert str(empty) in err and "adapter_config.json" in err
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"never unpickled")
+    err = _refused(capsys, "demo-sapt", *SETS, "--task", "first-word", "--generator", str(pickled), "--output", str(out))
+    assert "adapter_model.safetensors" in err
+    err = _refused(capsys, "demo-sapt", *SETS, "--task", "first-word", "--generator", "runs:/0123456789abcdef/generators/x",
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--output", str(out))
+    assert "cannot download the generator" in err
+    assert not out.exists()
+
+
+def test_prompts_depend_on_the_seed_not_on_the_actors(generator, local_ray):
+    from sapt.cluster.pseudo import generate_pseudo_prompts
+
+    folder, settings = generator
+    common = {"backbone": "embedded:tiny-t5", "data_dir": None, "exclude_tasks": ["first-word", "last-word"],
+              "generator_path": str(folder), "settings": settings, "task": 1, "count": 20, "batch_size": 8}
+    one = generate_pseudo_prompts(**common, seed=7, actors=1)
+    two = generate_pseudo_prompts(**common, seed=7, actors=2)
+    other = generate_pseudo_prompts(**common, seed=8, actors=1)
+    assert one == two  # three sampling batches, spread over two actors, come back in batch order
+    assert len(one) >= 15 and all(r["task"] == 1 and r["source"].strip() for r in one)
+    assert [r["source"] for r in other] != [r["source"] for r in one]
+    assert len({r["source"] for r in one}) > 1
+
+
+def test_the_job_writes_jsonl_rows_like_a_runs_memory(generator, local_ray, tmp_path, capsys):
+    folder, _ = generator
+    out = tmp_path / "deep" / "first-word.jsonl"
+    code = main(["demo-sapt", *SETS, "--set", "max_train_per_task=150", "--task", "last-word",
+                 "--generator", str(folder), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert captured.out.strip().splitlines()[-1] == str(out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 1 <= len(rows) <= 3  # as a run keeps: 2% of 150 training items
+    assert all(set(r) == {"task", "source", "target"} and r["task"] == 1 and r["target"] == "" for r in rows)
+    assert not list(out.parent.glob("*.partial"))
