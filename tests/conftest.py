@@ -11,6 +11,19 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 import pytest  # noqa: E402
 
 
+def _restored_environment():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which every later `sapt run` subprocess
+# would inherit (and log there instead of its own sqlite store): no test or module keeps its changes.
+_environment_per_module = pytest.fixture(autouse=True, scope="module")(_restored_environment)
+_environment_per_test = pytest.fixture(autouse=True)(_restored_environment)
+
+
 @pytest.fixture
 def tiny_t5_batch():
     """Two prompts and answers tokenized for the embedded tiny T5: enough for a loss and routing."""

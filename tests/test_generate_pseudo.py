@@ -71,18 +71,27 @@ def test_bad_requests_are_refused_before_any_work(generator, tmp_path, capsys):
 
 
 def test_prompts_depend_on_the_seed_not_on_the_actors(generator, local_ray):
+    from peft import PeftModel
+
     from sapt.cluster.pseudo import generate_pseudo_prompts
+    from sapt.methods.pseudo_generator import generator_collator, sample_prompts
 
     folder, settings = generator
-    common = {"backbone": "embedded:tiny-t5", "data_dir": None, "exclude_tasks": ["first-word", "last-word"],
-              "generator_path": str(folder), "settings": settings, "task": 1, "count": 20, "batch_size": 8}
-    one = generate_pseudo_prompts(**common, seed=7, actors=1)
-    two = generate_pseudo_prompts(**common, seed=7, actors=2)
-    other = generate_pseudo_prompts(**common, seed=8, actors=1)
-    assert one == two  # three sampling batches, spread over two actors, come back in batch order
-    assert len(one) >= 15 and all(r["task"] == 1 and r["source"].strip() for r in one)
-    assert [r["source"] for r in other] != [r["source"] for r in one]
-    assert len({r["source"] for r in one}) > 1
+    order = ["first-word", "last-word"]
+    spread = generate_pseudo_prompts(backbone="embedded:tiny-t5", data_dir=None, exclude_tasks=order,
+                                     generator_path=str(folder), settings=settings, task=1, count=20, seed=7,
+                                     actors=2, batch_size=8)
+    # The same three sampling batches (8, 8, 4 prompts) drawn here in one process, one after another.
+    backbone = load_backbone("embedded:tiny-t5", exclude_tasks=order)
+    model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
+    collator = generator_collator(backbone, settings)
+    in_order = [text for start in (0, 8, 16)
+                for text in sample_prompts(model, collator, min(8, 20 - start), settings, seed=7 * 100003 + start)]
+    assert [r["source"] for r in spread] == [t for t in in_order if t.strip()]
+    assert len(spread) >= 15 and all(r["task"] == 1 for r in spread)
+    assert len({r["source"] for r in spread}) > 1
+    other_seed = sample_prompts(model, collator, 8, settings, seed=8 * 100003)
+    assert other_seed != in_order[:8]
 
 
 def test_the_job_writes_jsonl_rows_like_a_runs_memory(generator, local_ray, tmp_path, capsys):

@@ -6,13 +6,15 @@ import sys
 
 import pandas as pd
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
+EPOCHS, EVAL_ITEMS = 8, 40
 SETTINGS = [
-    "order=[first-word,last-word]", "max_eval_per_task=60",
+    "order=[first-word,last-word]", f"train.epochs={EPOCHS}", f"max_eval_per_task={EVAL_ITEMS}",
     "method_args.generator_steps=100", "train.zero_stage=3",  # the riskiest path: sharded weights
 ]
 
@@ -76,18 +78,26 @@ def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
     assert all(r["task"] == 0 and r["source"].strip() and r["target"] == "" for r in rows)
 
 
-def test_the_generation_job_rewrites_the_runs_pseudo_prompts_from_the_logged_generator(sapt_run, tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray in this process for the job entrypoints below (their ensure_ray joins it)."""
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_the_generation_job_rewrites_the_runs_pseudo_prompts_from_the_logged_generator(sapt_run, local_ray, tmp_path,
+                                                                                       capsys):
+    from jobs.generate_pseudo import main
+
     results, out_dir = sapt_run
     generator = f"runs:/{results['mlflow']['run_id']}/generators/01-first-word"
     output = tmp_path / "first-word.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.generate_pseudo", "demo-sapt", *_sets(SETTINGS), "--task", "first-word",
-         "--generator", generator, "--tracking-uri", results["mlflow"]["tracking_uri"], "--output", str(output),
-         "--actors", "2"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(output)
+    code = main(["demo-sapt", *_sets(SETTINGS), "--task", "first-word", "--generator", generator,
+                 "--tracking-uri", results["mlflow"]["tracking_uri"], "--output", str(output), "--actors", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert captured.out.strip().splitlines()[-1] == str(output)
     # The run's seed and settings: the same prompts the run kept, whatever the number of actors.
     assert output.read_text() == (out_dir / "memory" / "01-first-word.jsonl").read_text()
 
@@ -102,7 +112,7 @@ def test_mlflow_has_attention_heatmaps_and_the_arm_loss(sapt_run):
                                   order_by=["tags.sapt.task_index"])
     assert len(children) == 2  # one nested run per task
     second = [c for c in children if c.data.tags["sapt.task_index"] == "2"][0]
-    assert len(client.get_metric_history(second.info.run_id, "train_arm_kl")) == 12
+    assert len(client.get_metric_history(second.info.run_id, "train_arm_kl")) == EPOCHS
     assert len(client.get_metric_history(run_id, "routing_accuracy")) == 2
 
 
@@ -113,7 +123,7 @@ def test_the_registered_pool_after_each_task_answers_as_the_run_did(sapt_run):
     results, out_dir = sapt_run
     uri, run_id, pool = results["mlflow"]["tracking_uri"], results["mlflow"]["run_id"], results["pool"]["name"]
     assert results["pool"]["uri"] == f"models:/{pool}@after-t02"
-    tasks = load_tasks(None, ["first-word", "last-word"], max_train_per_task=400, max_eval_per_task=60,
+    tasks = load_tasks(None, ["first-word", "last-word"], max_train_per_task=400, max_eval_per_task=EVAL_ITEMS,
                        val_size=40, seed=42)  # the preset's caps, as the run loaded them
     for t in (1, 2):
         stage = out_dir / "ray" / f"{run_id}-stage{t:02d}" / "final"
@@ -125,16 +135,16 @@ def test_the_registered_pool_after_each_task_answers_as_the_run_did(sapt_run):
     assert pool_store.show(uri, pool, "newest")["tags"]["source_run_id"] == run_id
 
 
-def test_the_evaluation_job_scores_the_registered_pool_as_the_run_did(sapt_run):
+def test_the_evaluation_job_scores_the_registered_pool_as_the_run_did(sapt_run, local_ray, capsys):
+    from jobs.evaluate_pool import main
+
     results, _ = sapt_run
     uri, pool = results["mlflow"]["tracking_uri"], results["pool"]["name"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.evaluate_pool", f"models:/{pool}@after-t02", "--tracking-uri", uri,
-         "--max-train-per-task", "400", "--max-eval-per-task", "60", "--val-size", "40"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scored = json.loads(proc.stdout.strip().splitlines()[-1])
+    code = main([f"models:/{pool}@after-t02", "--tracking-uri", uri, "--max-train-per-task", "400",
+                 "--max-eval-per-task", str(EVAL_ITEMS), "--val-size", "40"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    scored = json.loads(captured.out.strip().splitlines()[-1])
     assert list(scored["scores"].values()) == results["matrix"][-1]  # no task ids, same answers, same scores
     run = MlflowClient(uri).get_run(scored["run_id"])
     assert run.data.metrics["mean_score"] == pytest.approx(sum(results["matrix"][-1]) / 2)
