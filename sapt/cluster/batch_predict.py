@@ -54,6 +54,16 @@ class PoolPredictor:
         return batch.assign(**{column: out[column].tolist() for column in out.columns})
 
 
+def in_input_order(dataset):
+    """``dataset``, set to give its rows (and those of datasets derived from it) in input order.
+
+    A Dataset keeps the DataContext current when it was created: setting ``preserve_order`` on the
+    global context afterwards leaves it out of order (actors finish batches in any order).
+    """
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
 def answered(dataset, tracking_uri: str, name: str, version: str, *, actors: int = 1, batch_size: int = 32,
              model_config: dict | None = None):
     """``dataset`` (a column ``input``, others kept) with the pool's ``answer`` and ``block_weights``
@@ -61,8 +71,7 @@ def answered(dataset, tracking_uri: str, name: str, version: str, *, actors: int
     from sapt.cluster.worker import quiet_ray_data
 
     quiet_ray_data()
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return dataset.map_batches(
+    return in_input_order(dataset).map_batches(
         PoolPredictor,
         fn_constructor_kwargs={"tracking_uri": tracking_uri, "name": name, "version": version,
                                "model_config": dict(model_config or {})},
