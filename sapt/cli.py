@@ -106,11 +106,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             pd.DataFrame({"input": [args.input]}))
         print(json.dumps({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in out.iloc[0].items()}))
         return
-    from sapt.cluster.batch_predict import predict_file
+    from sapt.cluster.batch_predict import check_input_file, predict_file
     from sapt.cluster.session import ensure_ray
 
     source = Path(args.file)
     target = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.jsonl")
+    check_input_file(source)  # a bad file fails before Ray starts
     ensure_ray(args.address, num_workers=args.actors, cpus_per_worker=1.0, use_gpu=False)
     count = predict_file(uri, ref.name, str(version), source, target, actors=args.actors,
                          batch_size=args.batch_size, model_config=model_config)

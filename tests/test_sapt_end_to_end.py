@@ -81,9 +81,12 @@ def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray in this process for the job entrypoints below (their ensure_ray joins it)."""
-    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=3, include_dashboard=False)
     yield
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 def test_the_generation_job_rewrites_the_runs_pseudo_prompts_from_the_logged_generator(sapt_run, local_ray, tmp_path,
