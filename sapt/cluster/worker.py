@@ -212,7 +212,8 @@ def _chunks(rows: list, size: int, synced: bool, device) -> tuple[list[list], in
 def _reflect_sampler(collator: Collator, batch_size: int, rng: random.Random):
     """Per micro-batch, one batch of remembered inputs of every earlier task (None: nothing kept).
 
-    The memory dataset is small (2% of each task): each worker holds it whole and samples from it.
+    The memory dataset is small (2% of each task): each worker holds it whole and samples from it
+    with ``rng``, whose state every epoch checkpoint keeps.
     """
     try:
         shard = ray.train.get_dataset_shard("memory")
