@@ -34,3 +34,17 @@ def tiny_t5_batch():
     labels = tok(["red", "green"], padding=True, return_tensors="pt")["input_ids"]
     labels[labels == tok.pad_token_id] = -100
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray in the test process for a module, unless one is running already. Job
+    entrypoints and `sapt` commands called in-process join it (ensure_ray) instead of starting their own."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=3, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()

@@ -8,7 +8,6 @@ trained generator gives back exactly a run's memory is checked in test_sapt_end_
 import json
 
 import pytest
-import ray
 
 from jobs.generate_pseudo import main
 from sapt.backbones import load_backbone
@@ -26,17 +25,6 @@ def generator(tmp_path_factory):
     folder = tmp_path_factory.mktemp("generator")
     new_generator(load_backbone(run.backbone, exclude_tasks=["first-word", "last-word"]), settings).save_pretrained(folder)
     return folder, settings
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module; the job's ensure_ray joins it instead of starting its own."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=3, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _refused(capsys, *argv: str) -> str:

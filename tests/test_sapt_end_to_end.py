@@ -6,7 +6,6 @@ import sys
 
 import pandas as pd
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -76,17 +75,6 @@ def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
     assert len(rows) == 8  # max(1, floor(2% of 400 training items))
     assert all(r["task"] == 0 and r["source"].strip() and r["target"] == "" for r in rows)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray in this process for the job entrypoints below (their ensure_ray joins it)."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=3, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_the_generation_job_rewrites_the_runs_pseudo_prompts_from_the_logged_generator(sapt_run, local_ray, tmp_path,
