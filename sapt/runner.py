@@ -233,7 +233,7 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
     written to, output_dir/memory/NN-task.jsonl."""
     spec = method.memory()
     task = tasks[index]
-    count = max(1, int(spec.fraction * len(task.train)))
+    count = spec.count(len(task.train))
     if spec.source == "real":
         picks = random.Random(run.seed * 7919 + index).sample(task.train, min(count, len(task.train)))
         rows = [{"task": index, "source": ex.source, "target": ex.target} for ex in picks]

@@ -74,7 +74,7 @@ def plan_samples(run: RunConfig, task_name: str, count: int | None) -> SamplePla
         raise SaptError(f"task {task_name!r} is not in the order ({', '.join(names)})", source="--task")
     index = names.index(task_name)
     if count is None:
-        count = max(1, int(spec.fraction * len(tasks[index].train)))  # as the run keeps (runner._remember)
+        count = spec.count(len(tasks[index].train))  # as many as the run keeps
     if count < 1:
         raise SaptError(f"expected at least 1, got {count}", source="--count")
     return SamplePlan(index, count, names)

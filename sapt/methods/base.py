@@ -70,6 +70,10 @@ class MemorySpec:
     use: Literal["replay", "reflect"]
     fraction: float = 0.02
 
+    def count(self, train_size: int) -> int:
+        """How many items are kept of a task with ``train_size`` training items."""
+        return max(1, int(self.fraction * train_size))
+
 
 @dataclass(frozen=True)
 class GeneratorSettings:
