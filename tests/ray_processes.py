@@ -1,7 +1,7 @@
 """Finding and killing the processes of a `sapt run` subprocess: its Ray Train workers, its whole tree.
 
-Used by the crash tests (test_crash_recovery.py). Everything here acts only on descendants of the
-run's own process, never on other Ray instances of this shared machine.
+Used by the crash tests (test_crash_recovery.py, test_sweep.py). Everything here acts only on
+descendants of the run's own process, never on other Ray instances of this shared machine.
 """
 
 from __future__ import annotations
@@ -138,3 +138,17 @@ class ProcessTree:
             self.proc.kill()
             self.proc.wait(timeout=10)
         return [p.pid for p in alive]
+
+
+def kill_tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILLs ``proc`` and every process below it at once (a crash of the whole run); returns them."""
+    parent = psutil.Process(proc.pid)
+    family = [parent, *parent.children(recursive=True)]
+    for process in family:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait(timeout=30)
+    return family

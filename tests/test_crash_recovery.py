@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
-from ray_processes import ProcessTree, kill_one_worker, registered_checkpoints, tail
+from ray_processes import ProcessTree, kill_one_worker, kill_tree, registered_checkpoints, tail
 
 pytestmark = pytest.mark.slow
 
@@ -76,18 +76,6 @@ def _stage_losses(out_dir: Path) -> list[list[float]]:
     return [h["losses"] for h in history]
 
 
-def _kill_tree(proc: subprocess.Popen) -> list[psutil.Process]:
-    parent = psutil.Process(proc.pid)
-    tree = [parent, *parent.children(recursive=True)]
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    return tree
-
-
 def _kill_between_tasks(out_dir: Path) -> dict:
     """Starts the run and SIGKILLs its whole process tree once task 1's pool version exists."""
     log = (out_dir / "killed.log").open("w")
@@ -104,7 +92,7 @@ def _kill_between_tasks(out_dir: Path) -> dict:
                     pass
             time.sleep(0.3)
         assert proc.poll() is None, "the run ended before it could be killed between tasks"
-        tree = _kill_tree(proc)
+        tree = kill_tree(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -11,14 +11,13 @@ on 2 cores, over this file's budget.
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from ray_processes import kill_tree
 
 from sapt.errors import SaptError
 from sapt.tuning.space import load_space
@@ -56,17 +55,6 @@ def _tune_statuses(out_dir: Path) -> dict[str, str]:
 def _reports(out_dir: Path) -> dict[str, str]:
     """trial id -> Tune's result.json (one line per report)."""
     return {p.parent.name: p.read_text() for p in (out_dir / "tune" / ORDER).glob("*/result.json")}
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    parent = psutil.Process(proc.pid)
-    family = [parent, *parent.children(recursive=True)]
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
 
 
 def _finished(out_dir: Path, first: subprocess.CompletedProcess, resumed: subprocess.CompletedProcess,
@@ -110,7 +98,7 @@ def interrupted_sweep(tmp_path_factory):
                 time.sleep(1)
                 finished = [t for t, s in _tune_statuses(out_dir).items() if s == "TERMINATED"]
         finally:
-            _kill_tree(proc)
+            kill_tree(proc)
     assert finished, (logs / "first.err").read_text()[-5000:]
     reports = _reports(out_dir)
     resumed = subprocess.run(_command(out_dir, "--resume"), capture_output=True, text=True, timeout=400, cwd=ROOT,
