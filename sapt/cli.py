@@ -154,13 +154,11 @@ def _cmd_stop(args: argparse.Namespace) -> None:
 
 
 def _shutdown_ray() -> None:
-    try:
-        import ray
+    if "ray" not in sys.modules:  # nothing here started Ray: importing it would only cost time
+        return
+    from sapt.cluster.session import shutdown_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
-    except ImportError:
-        pass
+    shutdown_ray()
 
 
 def _default_address() -> str:
@@ -182,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry = commands.add_parser("registry", help="adapter pools in the MLflow model registry")
     actions = registry.add_subparsers(dest="action", required=True)
     uri_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. sqlite:///runs/demo-sapt/mlflow.db"
-    listing = actions.add_parser("list", help="every pool, blocks and router model, with versions and aliases")
+    listing = actions.add_parser("list", help="every pool, blocks and state model, with versions and aliases")
     listing.set_defaults(handler=_cmd_registry_list)
     showing = actions.add_parser("show", help="a model's versions, or one version (NAME/VERSION, NAME@ALIAS)")
     showing.add_argument("model", help="[models:/]NAME, NAME/VERSION or NAME@ALIAS")

@@ -52,8 +52,8 @@ class MlflowConfig(_Strict):
     tracking_uri: str = Field("", description="Empty: $MLFLOW_TRACKING_URI, else a sqlite store under output_dir.")
     experiment: str = "sapt"
     register_pool: bool | None = Field(
-        None, description="Register each task's block, router and pool in the model registry; "
-        "null: yes for methods with a pool (sapt-lora, sapt-prompt).")
+        None, description="Register each task's blocks, shared state and finished model (the pool) in the "
+        "model registry; null: yes (every method).")
     pool_name: str = Field("", description="The pool's registered-model name; empty: <method>-<order>.")
 
     @field_validator("pool_name")
@@ -127,6 +127,22 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
     return raw, where
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any, *, where: str | None = None) -> None:
+    """Sets a dotted key (``train.lr``) in a raw config dict in place, creating mappings on the way.
+
+    Raises:
+        SaptError: a part of the key names something that is not a mapping.
+    """
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SaptError(f"{part!r} is not a mapping", source=where or key)
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Applies one ``KEY=VALUE`` (dotted key, YAML value) to the raw config dict in place."""
     key, sep, value = assignment.partition("=")
@@ -136,20 +152,19 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError as err:
         raise SaptError(f"value is not valid YAML: {err}", source=f"--set {key}") from None
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SaptError(f"{part!r} is not a mapping", source=f"--set {key}")
-        node = child
-    node[parts[-1]] = parsed
+    set_dotted(raw, key, parsed, where=f"--set {key}")
 
 
 def validate(raw: dict[str, Any], where: str = "config") -> RunConfig:
-    """Validates a raw dict, turning the first pydantic error into a SaptError naming the key."""
+    """Validates a raw dict, turning the first pydantic error into a SaptError naming the key.
+
+    ``method_args`` is checked against the method's own Config here, once, and comes back with
+    every value, defaults included (what the run logs and the registry stores).
+    """
+    from sapt.methods import validate_method_args
+
     try:
-        return RunConfig.model_validate(raw)
+        run = RunConfig.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
@@ -157,6 +172,11 @@ def validate(raw: dict[str, Any], where: str = "config") -> RunConfig:
         if first["type"] == "extra_forbidden":
             message = "unknown config key"
         raise SaptError(message, source=where, field=key) from None
+    try:
+        args = validate_method_args(run.method, run.method_args)
+    except SaptError as err:
+        raise SaptError(err.message, source=where, field=err.field) from None
+    return run.model_copy(update={"method_args": args})
 
 
 def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

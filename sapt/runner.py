@@ -104,7 +104,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
     state: str | None = None
     done = -1  # the last stage row finished (and registered)
     if point is not None:
-        state = _restore(point, pool, tracker, progress, memory, names, output_dir, storage)
+        state = _restore(point, pool, tracker, progress, memory, names, output_dir, storage,
+                         rows=[s.row for s in stages if s.row <= point.task_index])
         done = point.task_index
     started = time.perf_counter()
     try:
@@ -118,7 +119,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
             result = fit_stage(run, stage, tasks, init_state=None if stage.fresh else state, storage_path=storage,
                                name=f"{tracker.run_id}-stage{number + 1:02d}", memory=memory_spec,
                                memory_rows=[r for i in sorted(memory) if i < newest for r in memory[i]],
-                               needs_memory=needs_memory)
+                               needs_memory=needs_memory, post_task_split=method.post_task_split)
             state = result.checkpoint_path
             scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
             progress.add(stage.row, scores, result.attention, names)
@@ -134,7 +135,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
             so_far = progress.metrics_so_far(stage.row, single)
             if pool is not None:  # last: the pool version is what --resume trusts
                 with local_state(state) as state_dir:
-                    version = pool.register(state_dir, stage.row, so_far, tracker.run_id)
+                    files = method.finished_files(state_dir, stage.row)
+                    version = pool.register(state_dir, files, stage.row, so_far, tracker.run_id)
                 log.info("registered %s version %d (models:/%s@after-t%02d)", pool.name, version.pool, pool.name,
                          stage.row + 1)
             if on_stage is not None:
@@ -143,7 +145,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
         tracker.fail()
         raise
     matrix = progress.matrix
-    if run.method == "single":
+    if stages and all(stage.reference for stage in stages):  # this run is the single-task reference
         single = [matrix[i][i] for i in range(len(tasks))]
     metrics = cl_metrics(matrix, single)
     results = {
@@ -187,10 +189,10 @@ class _Progress:
     def to_json(self) -> dict:
         return {"rows": {str(row): entry for row, entry in sorted(self.rows.items())}}
 
-    def restore(self, data: dict, upto: int, names: list[str], where: str) -> None:
-        """Replays the stages 0..upto of a progress.json."""
+    def restore(self, data: dict, rows_done: list[int], names: list[str], where: str) -> None:
+        """Replays the finished stages (by matrix row) of a progress.json."""
         rows = data.get("rows", {})
-        for row in range(upto + 1):
+        for row in rows_done:
             entry = rows.get(str(row))
             if entry is None:
                 raise SaptError(f"has no stage {row + 1}: cannot restore the accuracy matrix", source=where,
@@ -199,17 +201,17 @@ class _Progress:
 
 
 def _restore(point, pool, tracker, progress: _Progress, memory: dict[int, list[dict]], names: list[str],
-             output_dir: Path, storage: str) -> str:
+             output_dir: Path, storage: str, rows: list[int]) -> str:
     """Brings back what the interrupted run had after task ``point.task_index``: its matrix rows,
     remembered inputs and the pool state. Returns the state path for the next stage."""
     from sapt.cluster.trainer import place_state
     from sapt.registry import pool_store
 
-    progress.restore(tracker.read_progress(), point.task_index, names, where=f"run {point.run_id}: progress.json")
+    progress.restore(tracker.read_progress(), rows, names, where=f"run {point.run_id}: progress.json")
     for path in tracker.download_memory(output_dir / "resume"):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows and rows[0]["task"] <= point.task_index:
-            memory[rows[0]["task"]] = rows
+        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if kept and kept[0]["task"] <= point.task_index:
+            memory[kept[0]["task"]] = kept
     local = output_dir / "resume" / f"after-t{point.task_index + 1:02d}"
     if local.exists():
         shutil.rmtree(local)
@@ -236,7 +238,8 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
     count = spec.count(len(task.train))
     if spec.source == "real":
         picks = random.Random(run.seed * 7919 + index).sample(task.train, min(count, len(task.train)))
-        rows = [{"task": index, "source": ex.source, "target": ex.target} for ex in picks]
+        rows = [{"task": index, "source": ex.source, "target": ex.target if spec.keeps_answers else ""}
+                for ex in picks]
     else:
         from sapt.cluster.pseudo import generate_pseudo_prompts, pseudo_seed
 
@@ -245,7 +248,7 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
         log.info("generating %d pseudo prompts of %s", count, task.name)
         rows = generate_pseudo_prompts(
             backbone=run.backbone, data_dir=run.data_dir or None, exclude_tasks=[t.name for t in tasks],
-            generator_path=generator_path, settings=method.generator_settings(), task=index, count=count,
+            generator_path=generator_path, settings=spec.generator, task=index, count=count,
             seed=pseudo_seed(run.seed, index),
         )
         rows = [{**r, "target": ""} for r in rows]

@@ -86,8 +86,7 @@ def test_unreachable_services_exit_2_without_registering(tmp_path, override, exp
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--set", "mlflow.register_pool=true"], "mlflow.register_pool: method 'seq-lora' has no adapter pool"),
-        (["--resume"], "mlflow.register_pool: --resume continues from the pool versions"),
+        (["--resume", "--set", "mlflow.register_pool=false"], "mlflow.register_pool: --resume continues from the pool versions"),
         (["--set", "method=sapt-lora", "--set", "mlflow.pool_name=no spaces"], "mlflow.pool_name"),
     ],
 )
@@ -116,3 +115,33 @@ def test_a_resume_with_a_changed_config_is_refused_naming_the_key(tmp_path):
                             resume_run_id=tracker.run_id)
     assert again.run_id == tracker.run_id
     assert MlflowClient(tracker.uri).get_run(tracker.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.parametrize("command", [["run"], ["submit", "--address", "http://127.0.0.1:1"], ["sweep", "--samples", "2"]])
+@pytest.mark.parametrize(
+    "config, setting, expected",
+    [
+        ("demo-sapt", "method_args.kl_wieght=2", "method_args.kl_wieght: unknown key for method sapt-lora"),
+        ("demo-sapt", "method_args.kl_weight=-1", "method_args.kl_weight: Input should be greater than or equal to 0"),
+        ("demo", "method_args.memory_fraction=0.1", "method_args.memory_fraction: unknown key for method seq-lora"),
+        ("demo", "method=replay --set method_args.memory_fraction=2", "method_args.memory_fraction: Input should be"),
+    ],
+)
+def test_a_bad_method_args_value_exits_2_in_one_line_before_anything_starts(tmp_path, command, config, setting,
+                                                                              expected):
+    out_dir = tmp_path / "out"
+    sets = [x for part in setting.split(" --set ") for x in ("--set", part)]
+    out = sapt(command[0], config, *command[1:], *sets, "--set", f"output_dir={out_dir}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], out.stderr
+    assert not out_dir.exists() and out.stdout == ""
+
+
+def test_method_args_come_back_with_every_default_for_the_run_and_the_registry():
+    from sapt.config import load_config
+
+    assert load_config("demo", ["method=o-lora"]).method_args == {"lambda_1": 0.5, "lambda_2": 0.0}
+    assert load_config("inc-lora").method_args == {"lambda_1": 0.0, "lambda_2": 0.0}
+    assert load_config("demo", ["method=replay"]).method_args == {"memory_fraction": 0.02}
+    assert load_config("demo").method_args == {}

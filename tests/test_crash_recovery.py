@@ -55,10 +55,10 @@ def _registry(out_dir: Path) -> dict:
     """Every version of the pool's three models: (model, version) -> the tags that describe its content."""
     client = MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}")
     found = {}
-    for name in (POOL, f"{POOL}-blocks", f"{POOL}-router"):
+    for name in (POOL, f"{POOL}-blocks", f"{POOL}-state"):
         for v in client.search_model_versions(f"name = '{name}'"):
             found[(name, int(v.version))] = {k: v.tags.get(k) for k in
-                                             ("task_index", "sha256", "block_versions", "router_version")}
+                                             ("task_index", "sha256", "block_versions", "state_version")}
             found[(name, int(v.version))]["run"] = v.tags.get("source_run_id")
     aliases = client.get_registered_model(POOL).aliases
     return {"versions": found, "aliases": {k: int(v) for k, v in aliases.items()}}
@@ -139,7 +139,7 @@ def runs(tmp_path_factory):
 
 def test_a_kill_between_tasks_leaves_only_finished_tasks_registered(runs):
     after_kill = runs["after_kill"]
-    assert sorted(after_kill["versions"]) == [(POOL, 1), (f"{POOL}-blocks", 1), (f"{POOL}-router", 1)]
+    assert sorted(after_kill["versions"]) == [(POOL, 1), (f"{POOL}-blocks", 1), (f"{POOL}-state", 1)]
     assert after_kill["aliases"] == {"after-t01": 1, "newest": 1}
 
 

@@ -21,7 +21,7 @@ SETS = ["--set", "order=[first-word,last-word]"]
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     run = load_config("demo-sapt", ["order=[first-word,last-word]"])
-    settings = build_method(run.method, run.method_args, run.pet).generator_settings()
+    settings = build_method(run.method, run.method_args, run.pet).memory().generator
     folder = tmp_path_factory.mktemp("generator")
     new_generator(load_backbone(run.backbone, exclude_tasks=["first-word", "last-word"]), settings).save_pretrained(folder)
     return folder, settings

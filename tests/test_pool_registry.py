@@ -32,7 +32,7 @@ from sapt.evaluation.generate import generate_answers
 from sapt.methods import build_method
 from sapt.methods.base import Stage
 from sapt.registry import pool_store
-from sapt.registry.pool_store import Generation, blocks_model, router_model
+from sapt.registry.pool_store import Generation, blocks_model, state_model
 
 BACKBONE = "embedded:tiny-t5"
 PET = PetConfig(lora_r=4, lora_alpha=8)
@@ -88,7 +88,9 @@ def _sequence(name, root: Path, method_args=None):
 
 
 def _register(uri, pool, seq, task, run_id, **changes):
-    kwargs = dict(pool_name=pool, state_dir=seq["states"][task], task_index=task, task_names=ORDER,
+    files = build_method(seq["method"], seq["method_args"], PET).finished_files(seq["states"][task], task)
+    kwargs = dict(pool_name=pool, state_dir=seq["states"][task], blocks=files.blocks, shared=files.shared,
+                  task_index=task, task_names=ORDER, pet=PET.model_dump(),
                   method=seq["method"], method_args=seq["method_args"], backbone_spec=BACKBONE,
                   backbone_identity=seq["identity"], benchmark="embedded",
                   metrics={"AP": 10.0 * (task + 1), "BWT": None}, source_run_id=run_id, generation=GEN)
@@ -128,8 +130,8 @@ def registry(lora, tmp_path_factory):
 def test_registered_pools_answer_exactly_as_the_in_memory_model_after_each_task(lora, registry):
     uri = registry["uri"]
     one, two = registry["versions"]
-    assert (one.pool, one.router, one.blocks) == (1, 1, (1,))
-    assert (two.pool, two.router, two.blocks) == (2, 2, (1, 2))  # block 0 reused, not registered twice
+    assert (one.pool, one.state, one.blocks) == (1, 1, (1,))
+    assert (two.pool, two.state, two.blocks) == (2, 2, (1, 2))  # block 0 reused, not registered twice
     assert lora["after"][0][0] != lora["after"][1][0]  # the two snapshots are distinguishable
     pool_store.promote(uri, "pool", 2, "champion")
     with _global_uri(uri):
@@ -159,7 +161,7 @@ def test_versions_carry_their_provenance_and_the_pool_names_its_parts(registry):
     tags = pool["tags"]
     assert pool["version"] == 2 and {"after-t02", "newest"} <= set(pool["aliases"])
     assert json.loads(tags["order"]) == ORDER and tags["task_index"] == "1" and tags["task_name"] == "beta"
-    assert (tags["router_version"], json.loads(tags["block_versions"])) == ("2", [1, 2])
+    assert (tags["state_version"], json.loads(tags["block_versions"])) == ("2", [1, 2])
     assert tags["metric.AP"] == "20.0" and "metric.BWT" not in tags
     assert tags["backbone"] == BACKBONE and tags["backbone_identity"].startswith(BACKBONE + "@")
     assert tags["source_run_id"] == run_id and tags["method"] == "sapt-lora" and tags["benchmark"] == "embedded"
@@ -167,7 +169,7 @@ def test_versions_carry_their_provenance_and_the_pool_names_its_parts(registry):
     assert (block["task_index"], block["task_name"], block["metric.AP"]) == ("0", "alpha", "10.0")
     listed = {m["name"]: m for m in pool_store.list_pools(uri)}
     kinds = {n: m["kind"] for n, m in listed.items() if m["pool"] == "pool"}
-    assert kinds == {"pool": "pool", "pool-blocks": "blocks", "pool-router": "router"}
+    assert kinds == {"pool": "pool", "pool-blocks": "blocks", "pool-state": "state"}
     assert listed["pool"]["versions"] == 2 and listed["pool"]["aliases"]["after-t01"] == 1
     assert [v["version"] for v in pool_store.show(uri, "pool")["versions"]] == [1, 2]
 
@@ -176,9 +178,9 @@ def test_registering_the_same_task_again_creates_no_version(lora, registry):
     uri = registry["uri"]
     again = _register(uri, "pool", lora, 1, registry["run_id"])
     assert not again.created and again.pool == registry["versions"][1].pool
-    assert again.blocks == registry["versions"][1].blocks and again.router == registry["versions"][1].router
+    assert again.blocks == registry["versions"][1].blocks and again.state == registry["versions"][1].state
     client = MlflowClient(uri)
-    for name in ("pool", blocks_model("pool"), router_model("pool")):
+    for name in ("pool", blocks_model("pool"), state_model("pool")):
         assert len(client.search_model_versions(f"name = '{name}'")) == 2
     # Same task and run, other weights: refused, not silently returned.
     with pytest.raises(SaptError, match="already registered with other weights"):
@@ -210,15 +212,15 @@ def test_an_interrupted_registration_is_not_trusted_and_a_retry_completes_it(lor
     with pytest.raises(KeyboardInterrupt):
         _register(uri, "cut", lora, 1, run_id)
     client = MlflowClient(uri)
-    assert len(client.search_model_versions("name = 'cut-blocks'")) == 2  # block and router of task 1 exist ...
+    assert len(client.search_model_versions("name = 'cut-blocks'")) == 2  # block and state of task 1 exist ...
     assert pool_store.last_complete_task(uri, "cut", ORDER) == 0  # ... but only the pool version counts
     assert pool_store.last_complete_task(uri, "cut", ORDER, source_run_id=run_id) == 0
     assert pool_store.last_complete_task(uri, "cut", ["beta", "alpha"]) is None
     assert pool_store.last_complete_task(uri.replace("mlflow.db", "fresh.db"), "cut", ORDER) is None
     monkeypatch.setattr(pool_store, "_log_version", real)
     done = _register(uri, "cut", lora, 1, run_id)
-    assert done.created and (done.router, done.blocks) == (2, (1, 2))  # the leftovers are reused
-    for name in ("cut", "cut-blocks", "cut-router"):
+    assert done.created and (done.state, done.blocks) == (2, (1, 2))  # the leftovers are reused
+    for name in ("cut", "cut-blocks", "cut-state"):
         assert len(client.search_model_versions(f"name = '{name}'")) == 2
     assert pool_store.last_complete_task(uri, "cut", ORDER) == 1
     assert pool_store.complete_pool_versions(uri, "cut", ORDER) == {0: 1, 1: 2}
@@ -287,7 +289,7 @@ def test_tampered_artifacts_are_refused_before_anything_is_loaded(registry, tmp_
     # Wrong shapes even with a consistent sha256 list: refused by the shape check, naming the artifact.
     meta_path = copy / "artifacts" / "version.json"
     meta = json.loads(meta_path.read_text())
-    artifacts = {"router": copy / "artifacts" / "router", "blocks": copy / "artifacts" / "blocks"}
+    artifacts = {"state": copy / "artifacts" / "state", "blocks": copy / "artifacts" / "blocks"}
     meta["files"] = pool_store.manifest(artifacts)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(SaptError, match=r"artifacts/blocks/block-001/adapter_model.safetensors.*does not fit"):
@@ -331,12 +333,13 @@ def test_a_sapt_prompt_pool_through_a_real_mlflow_server(tmp_path):
         assert pool_store.last_complete_task(uri, "prompts", ORDER, source_run_id=run_id) == 1
         _check_same(pool_store.load_pool(uri, "prompts", "after-t01").predict(_frame()), seq["after"][0])
         _check_same(pool_store.load_pool(uri, "prompts", "newest").predict(_frame()), seq["after"][1])
-        # The router version alone gives the same block weights as the pool.
-        routed = pool_store.load_pool(uri, router_model("prompts"), 2).predict(_frame())
+        # The state version (the router) alone gives the same block weights as the pool.
+        routed = pool_store.load_pool(uri, state_model("prompts"), 2).predict(_frame())
         torch.testing.assert_close(torch.tensor(routed["block_weights"].tolist()), seq["after"][1][1])
         state = pool_store.download_state(uri, "prompts", 2, tmp_path / "state")
-        torch.testing.assert_close(load_file(str(state / "prompts.safetensors"))["prompts"],
-                                   load_file(str(seq["states"][1] / "prompts.safetensors"))["prompts"])
+        for block in ("block-000", "block-001"):
+            torch.testing.assert_close(load_file(str(state / "blocks" / block / "prompt.safetensors"))["prompt"],
+                                       load_file(str(seq["states"][1] / "blocks" / block / "prompt.safetensors"))["prompt"])
     finally:
         _stop_group(server)
         log.close()
@@ -413,7 +416,7 @@ def test_resume_continues_the_newest_run_after_its_last_registered_task(lora, tm
     client = MlflowClient(uri)
     second_run = client.create_run(client.get_run(first_run).info.experiment_id).info.run_id
     pool = SequencePool(tracking_uri=uri, name="resumable", order=ORDER, method="sapt-lora", method_args={},
-                        backbone_spec=BACKBONE, backbone_identity=lora["identity"], backbone_args={},
+                        pet=PET.model_dump(), backbone_spec=BACKBONE, backbone_identity=lora["identity"], backbone_args={},
                         benchmark="embedded", generation=GEN)
     assert pool.resume_point() is None
     for task in (0, 1):

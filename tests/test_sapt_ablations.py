@@ -6,7 +6,7 @@ import torch
 from sapt.backbones import load_backbone
 from sapt.config import PetConfig
 from sapt.methods import build_method
-from sapt.methods.base import MemorySpec, Stage
+from sapt.methods.base import Stage
 
 PET = PetConfig(lora_r=4, lora_alpha=8)
 
@@ -37,15 +37,19 @@ def _two_block_model(ablation, tmp_path, batch, **args):
 
 
 @pytest.mark.parametrize("ablation, expected", [
-    ("none", MemorySpec("pseudo", "reflect")),
+    ("none", ("pseudo", "reflect")),
     ("no-arm", None),
-    ("replay", MemorySpec("real", "replay")),
-    ("no-alignment", MemorySpec("pseudo", "reflect")),
-    ("no-sa", MemorySpec("pseudo", "reflect")),
-    ("real-inputs", MemorySpec("real", "reflect")),
+    ("replay", ("real", "replay")),
+    ("no-alignment", ("pseudo", "reflect")),
+    ("no-sa", ("pseudo", "reflect")),
+    ("real-inputs", ("real", "reflect")),
 ])
 def test_what_each_ablation_remembers(ablation, expected):
-    assert build_method("sapt-lora", {"ablation": ablation}, PET).memory() == expected
+    spec = build_method("sapt-lora", {"ablation": ablation}, PET).memory()
+    assert (spec and (spec.source, spec.use)) == expected
+    if spec is not None:
+        assert spec.fraction == 0.02 and (spec.generator is not None) == (spec.source == "pseudo")
+        assert spec.keeps_answers == (ablation == "replay")
 
 
 def test_no_arm_adds_no_reflection_loss(two_block_model):

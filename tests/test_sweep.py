@@ -241,8 +241,8 @@ def test_space_errors_name_the_file_and_key(tmp_path, text, field, message):
     "text, field, message",
     [
         ("method_args.temperature: {uniform: [-1, 4]}", "method_args.temperature", "greater than 0"),
-        ("method_args.kl_wieght: {uniform: [1, 2]}", "method_args.kl_wieght", "Extra inputs"),
-        ("method_args.prompt_length: {choice: [5, 10]}", "method_args.prompt_length", "Extra inputs"),
+        ("method_args.kl_wieght: {uniform: [1, 2]}", "method_args.kl_wieght", "unknown key for method sapt-lora"),
+        ("method_args.prompt_length: {choice: [5, 10]}", "method_args.prompt_length", "unknown key for method sapt-lora"),
         ("train.lrr: {loguniform: [0.001, 0.1]}", "train.lrr", "unknown config key"),
     ],
 )
@@ -264,6 +264,11 @@ def test_the_shipped_spaces_fit_their_methods():
         space = load_space(ROOT / "tuning" / f"{method}.yaml")
         check_space(space, base_config("demo-sapt", [f"method={method}"]))
         assert {"method_args.kl_weight", "method_args.temperature", "method_args.projection_dim"} <= set(space.keys)
+    main_knobs = {"o-lora": {"method_args.lambda_1", "method_args.lambda_2"}, "replay": {"method_args.memory_fraction"}}
+    for method, knobs in main_knobs.items():
+        space = load_space(ROOT / "tuning" / f"{method}.yaml")
+        check_space(space, base_config("demo", [f"method={method}"]))
+        assert knobs <= set(space.keys)
 
 
 def test_resume_needs_an_existing_sweep_asked_the_same(tmp_path):

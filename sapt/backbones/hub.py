@@ -16,22 +16,29 @@ from sapt.errors import SaptError
 
 logger = logging.getLogger(__name__)
 
-# LoRA goes on the attention query and value projections only (sapt-method.md 1.4).
-_SEQ2SEQ_QV = {
-    model_type: ["q", "v"] for model_type in ("t5", "mt5", "umt5", "longt5", "switch_transformers")
-}
+# LoRA goes on the attention query and value projections only (sapt-method.md 1.4). PEFT's
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING is the source of truth; LORA_TARGETS holds only
+# the types it lacks, and is looked up first, so a later PEFT entry cannot change them unseen.
+# Not in PEFT's table: T5 variants, with t5's names.
+_SEQ2SEQ_QV = {model_type: ["q", "v"] for model_type in ("umt5", "longt5", "switch_transformers")}
+# Not in PEFT's table: q_proj / v_proj, as in bart and llama.
 _PROJ_QV = {
     model_type: ["q_proj", "v_proj"]
     for model_type in (
-        "bart", "mbart", "marian", "pegasus", "blenderbot", "m2m_100", "nllb_moe",
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-        "gemma", "gemma2", "gemma3_text", "opt", "gptj", "olmo", "olmo2", "granite", "smollm3",
+        "mbart", "marian", "pegasus", "blenderbot", "m2m_100", "nllb_moe",
+        "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite", "smollm3",
     )
 }
-# Fused query/key/value projections: LoRA adapts the whole fused layer (k included).
-_FUSED_QKV = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
-              "falcon": ["query_key_value"], "phi3": ["qkv_proj"]}
+# Not in PEFT's table: a fused query/key/value projection; LoRA adapts all of it (k included).
+_FUSED_QKV = {"phi3": ["qkv_proj"]}
 LORA_TARGETS: dict[str, list[str]] = {**_SEQ2SEQ_QV, **_PROJ_QV, **_FUSED_QKV}
+
+
+def _peft_targets() -> dict[str, list[str]]:
+    """PEFT's default LoRA targets by model type, less its regex-only entries (sapt matches name suffixes)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    return {model_type: targets for model_type, targets in peft_defaults.items() if isinstance(targets, list)}
 
 
 def lora_targets_for(model_type: str) -> list[str]:
@@ -41,20 +48,20 @@ def lora_targets_for(model_type: str) -> list[str]:
         model_type: the ``model_type`` field of a transformers config (``"t5"``, ``"llama"``).
 
     Returns:
-        Module-name suffixes for ``peft.LoraConfig(target_modules=...)``.
+        Module-name suffixes for ``peft.LoraConfig(target_modules=...)``: from ``LORA_TARGETS``,
+        else from PEFT's defaults.
 
     Raises:
         SaptError: the architecture has no known query/value projection names.
     """
     if model_type in LORA_TARGETS:
         return list(LORA_TARGETS[model_type])
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
-
-    if model_type in peft_defaults:
-        return list(peft_defaults[model_type])
+    peft_targets = _peft_targets()
+    if model_type in peft_targets:
+        return list(peft_targets[model_type])
     raise SaptError(
         f"no LoRA target modules known for model_type {model_type!r}; supported: "
-        f"{', '.join(sorted(LORA_TARGETS))}",
+        f"{', '.join(sorted({*LORA_TARGETS, *peft_targets}))}",
         source="backbone",
     )
 

@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from sapt.errors import SaptError
 
@@ -256,27 +257,24 @@ def _marked_span(
 
 
 def _batch(tokenizer, pairs: list[tuple[str, str]], is_encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
     sources = [tokenizer(src)["input_ids"] for src, _ in pairs]
     # Targets are built by hand (text + eos) so this works whatever the tokenizer's own specials are.
     targets = [tokenizer(tgt, add_special_tokens=False)["input_ids"] + [eos] for _, tgt in pairs]
     if is_encoder_decoder:
-        input_ids, attention = _pad(sources, pad, left=False)
-        labels, _ = _pad(targets, -100, left=False)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        return {**_pad(tokenizer, sources, left=False), "labels": _pad_labels(targets, left=False)}
     rows = [src + tgt for src, tgt in zip(sources, targets)]
     label_rows = [[-100] * len(src) + tgt for src, tgt in zip(sources, targets)]
-    input_ids, attention = _pad(rows, pad, left=True)
-    labels, _ = _pad(label_rows, -100, left=True)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    return {**_pad(tokenizer, rows, left=True), "labels": _pad_labels(label_rows, left=True)}
 
 
-def _pad(rows: list[list[int]], value: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
+def _pad(tokenizer, rows: list[list[int]], *, left: bool) -> dict[str, torch.Tensor]:
+    padded = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left" if left else "right",
+                           return_attention_mask=True, return_tensors="pt")
+    return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+
+def _pad_labels(rows: list[list[int]], *, left: bool) -> torch.Tensor:
+    # tokenizer.pad fills input_ids with its pad token only, never labels with -100.
+    return pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
+                        padding_value=-100, padding_side="left" if left else "right")

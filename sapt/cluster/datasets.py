@@ -13,15 +13,18 @@ from sapt.methods.base import Stage
 def train_dataset(tasks: list[TaskData], stage: Stage, seed: int, replay: list[dict] | None = None) -> ray.data.Dataset:
     """The stage's training examples, shuffled once here so every worker's shard mixes tasks.
 
+    Each row carries its task index and whether it is a remembered item (``memory``), which the
+    workers hand to ``Method.loss`` with the batch.
+
     Args:
-        replay: remembered items of earlier tasks ({"source", "target"}) mixed into the stream.
+        replay: remembered items of earlier tasks ({"task", "source", "target"}) mixed into the stream.
     """
     rows = [
-        {"source": ex.source, "target": ex.target}
+        {"task": index, "memory": False, "source": ex.source, "target": ex.target}
         for index in stage.train_tasks
         for ex in tasks[index].train
     ]
-    rows += [{"source": r["source"], "target": r["target"]} for r in replay or []]
+    rows += [{"task": r["task"], "memory": True, "source": r["source"], "target": r["target"]} for r in replay or []]
     random.Random(seed * 1000 + stage.row).shuffle(rows)
     return ray.data.from_items(rows)
 
@@ -43,14 +46,22 @@ def eval_dataset(tasks: list[TaskData], stage: Stage) -> ray.data.Dataset:
     return ray.data.from_items(rows)
 
 
-def validation_dataset(tasks: list[TaskData], stage: Stage) -> ray.data.Dataset:
-    """Validation prompts of the stage's newest task (for its stored mean attention), read like eval."""
+def post_task_dataset(tasks: list[TaskData], stage: Stage, split: str) -> ray.data.Dataset:
+    """Inputs (and answers) of the stage's newest task for the method's post-task pass, read like eval.
+
+    Args:
+        split: ``val`` (the validation items; the training items when ``val_size`` is 0, never
+            test) or ``train``.
+    """
     newest = stage.train_tasks[-1]
-    examples = tasks[newest].val or tasks[newest].train  # val_size 0: training inputs, never test
-    rows = [{"task": newest, "item": i, "source": ex.source, "id": i} for i, ex in enumerate(examples)]
-    return ray.data.from_items(rows or [{"task": newest, "item": -1, "source": "", "id": -1}])
+    examples = tasks[newest].train if split == "train" else (tasks[newest].val or tasks[newest].train)
+    rows = [{"task": newest, "item": i, "source": ex.source, "target": ex.target, "id": i}
+            for i, ex in enumerate(examples)]
+    return ray.data.from_items(rows or [{"task": newest, "item": -1, "source": "", "target": "", "id": -1}])
 
 
 def memory_dataset(rows: list[dict]) -> ray.data.Dataset:
-    """Remembered inputs of earlier tasks ({"task", "source"}), small: every worker reads them all."""
-    return ray.data.from_items([{"task": r["task"], "source": r["source"]} for r in rows])
+    """Remembered items of earlier tasks ({"task", "source", "target"}; the target is empty for
+    inputs-only memory). Every worker reads them all."""
+    return ray.data.from_items([{"task": r["task"], "source": r["source"], "target": r.get("target", "")}
+                                for r in rows])

@@ -1,5 +1,5 @@
 """Scoring a registered pool on a benchmark with Ray Data batch inference: every task of its order,
-no task ids (the router picks the blocks), one MLflow run with a score per task and their mean."""
+no task ids (the method picks or mixes its blocks), one MLflow run with a score per task and their mean."""
 
 from __future__ import annotations
 
@@ -27,10 +27,8 @@ def evaluate_pool(tracking_uri: str, name: str, version_or_alias: str, *, data_d
     Raises:
         SaptError: unknown pool/version/alias, not a pool version, or missing task data.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     from sapt.registry import pool_store
+    from sapt.registry.pool_scores import log_scores
 
     found = pool_store.show(tracking_uri, name, version_or_alias)
     tags = found["tags"]
@@ -53,13 +51,8 @@ def evaluate_pool(tracking_uri: str, name: str, version_or_alias: str, *, data_d
         scores[task.name] = score_task(task.kind, [answers[i][n] for n in range(len(items))],
                                        [ex.references for ex in items])
     mean = sum(scores.values()) / len(scores)
-    client = MlflowClient(tracking_uri)
-    existing = client.get_experiment_by_name(experiment)
-    experiment_id = existing.experiment_id if existing else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=f"{name}-v{found['version']}-{split}",
-                            tags={"sapt.pool": name, "sapt.pool_version": str(found["version"]), "sapt.split": split})
-    client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(f"score.{k}", v, 0, 0) for k, v in scores.items()]
-                     + [mlflow.entities.Metric("mean_score", mean, 0, 0)])
-    client.set_terminated(run.info.run_id)
+    run_id = log_scores(tracking_uri, experiment, run_name=f"{name}-v{found['version']}-{split}",
+                        tags={"sapt.pool": name, "sapt.pool_version": str(found["version"]), "sapt.split": split},
+                        scores=scores, mean=mean)
     return {"pool": name, "version": found["version"], "order": order, "split": split, "scores": scores,
-            "mean": mean, "run_id": run.info.run_id}
+            "mean": mean, "run_id": run_id}

@@ -31,14 +31,9 @@ def local_generator(location: str, tracking_uri: str, dest: Path) -> Path:
     """
     folder = Path(location).expanduser()
     if urlparse(location).scheme and not folder.is_dir():  # runs:/, models:/, s3://, ...
-        import mlflow
-        from mlflow.exceptions import MlflowException
+        from sapt.registry.run_artifacts import download
 
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest),
-                                                              tracking_uri=tracking_uri or None))
-        except (MlflowException, OSError) as err:
-            raise SaptError(f"cannot download the generator: {str(err).splitlines()[0]}", source=location) from None
+        folder = download(location, dest, tracking_uri, what="generator")
         if not folder.is_dir():
             raise SaptError("cannot download the generator: no folder at this URI (run id and path?)", source=location)
     if not folder.is_dir():
@@ -64,9 +59,9 @@ def plan_samples(run: RunConfig, task_name: str, count: int | None) -> SamplePla
         SaptError: a method without pseudo samples, a task outside the order, a count below 1.
     """
     spec = build_method(run.method, run.method_args, run.pet).memory()
-    if spec is None or spec.source != "pseudo":
-        raise SaptError(f"method {run.method!r} keeps no pseudo samples (try sapt-lora or sapt-prompt)",
-                        source="config", field="method")
+    if spec is None or spec.generator is None:
+        raise SaptError(f"method {run.method!r} keeps no pseudo samples from a generator", source="config",
+                        field="method")
     tasks = load_tasks(run.data_dir or None, run.order, max_train_per_task=run.max_train_per_task,
                        max_eval_per_task=run.max_eval_per_task, val_size=run.val_size, seed=run.seed)
     names = [t.name for t in tasks]
@@ -84,7 +79,7 @@ def sample_task(run: RunConfig, plan: SamplePlan, generator: Path, *, actors: in
     """The planned pseudo prompts as memory rows {"task", "source", "target": ""}, seeded as the run."""
     from sapt.cluster.pseudo import generate_pseudo_prompts, pseudo_seed
 
-    settings = build_method(run.method, run.method_args, run.pet).generator_settings()
+    settings = build_method(run.method, run.method_args, run.pet).memory().generator
     rows = generate_pseudo_prompts(
         backbone=run.backbone, data_dir=run.data_dir or None, exclude_tasks=plan.order,
         generator_path=str(generator), settings=settings, task=plan.task_index, count=plan.count,

@@ -52,6 +52,12 @@ def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gp
     )
 
 
+def shutdown_ray() -> None:
+    """Disconnects from (or stops the local) Ray if this process is connected; flushes forwarded worker logs."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _probe(address: str, timeout_s: float = 5.0) -> None:
     """Fails in seconds on a closed address; ray.init itself retries for minutes."""
     if address == "auto":

@@ -13,7 +13,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sapt.cluster import worker
-from sapt.cluster.datasets import eval_dataset, memory_dataset, train_dataset, validation_dataset
+from sapt.cluster.datasets import eval_dataset, memory_dataset, post_task_dataset, train_dataset
 from sapt.config import RunConfig
 from sapt.data.types import TaskData
 from sapt.methods.base import MemorySpec, Stage
@@ -31,6 +31,7 @@ class StageResult:
 def fit_stage(
     run: RunConfig, stage: Stage, tasks: list[TaskData], *, init_state: str | None, storage_path: str, name: str,
     memory: MemorySpec | None = None, memory_rows: list[dict] | None = None, needs_memory: bool = False,
+    post_task_split: str | None = None,
 ) -> StageResult:
     """Trains and evaluates one stage on Ray Train workers running DeepSpeed.
 
@@ -41,17 +42,21 @@ def fit_stage(
         memory, memory_rows: the method's memory spec and what it holds of earlier tasks: replayed
             items join the training stream, reflected inputs go to every worker whole.
         needs_memory: a later stage will want this stage's task remembered (train its generator).
+        post_task_split: the newest task's split that the method's post-task pass reads, if any.
     """
     worker.quiet_ray_data()
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())  # Ray Train rejects relative local paths
-    replay = memory_rows if memory is not None and memory.use == "replay" else None
+    # Replayed items join the stream, except for balanced batches: those draw them from the memory
+    # dataset that every worker reads whole, like reflected inputs.
+    replay = memory_rows if memory is not None and memory.use == "replay" and memory.mix == "shuffle" else None
     datasets = {
         "train": train_dataset(tasks, stage, run.seed, replay=replay),
         "eval": eval_dataset(tasks, stage),
-        "val": validation_dataset(tasks, stage),
     }
-    if memory is not None and memory.use == "reflect" and memory_rows:
+    if post_task_split is not None:
+        datasets["post_task"] = post_task_dataset(tasks, stage, post_task_split)
+    if memory is not None and (memory.use == "reflect" or memory.mix == "balanced") and memory_rows:
         datasets["memory"] = memory_dataset(memory_rows)
     trainer = TorchTrainer(
         worker.train_stage,

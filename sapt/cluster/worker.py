@@ -26,9 +26,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from sapt.backbones import load_backbone
 from sapt.config import RunConfig
 from sapt.data.collate import Collator
+from sapt.data.replay_mix import BalancedMix
 from sapt.evaluation.generate import generate_answers
 from sapt.methods import build_method
-from sapt.methods.base import Method, Stage
+from sapt.methods.base import MEMORY_KEY, TASK_KEY, Method, Stage
 from sapt.methods.pseudo_generator import GENERATOR_DIR, generator_batch, generator_collator, new_generator
 from sapt.train.rng_state import restore_rng, save_rng
 
@@ -37,6 +38,7 @@ ENGINE_DIR = "engine"  # DeepSpeed engine + optimizer state, for resuming within
 PREDICTIONS_FILE = "predictions.json"
 HISTORY_FILE = "history.json"
 ATTENTION_FILE = "attention.json"  # routing diagnostics, for methods that route
+POST_TASK_FILE = "post_task.json"  # what the method's finish_task reported
 
 
 def _say(rank: int, message: str) -> None:
@@ -58,27 +60,18 @@ def _checkpoint_dir(path: str | None):
         yield Path(directory) / STATE_DIR
 
 
-@contextlib.contextmanager
-def _whole_trainable(engine, zero_stage: int):
-    """Under ZeRO-3 parameters are partitioned: gather the trainable ones before saving them."""
-    if zero_stage != 3:
-        yield
-        return
-    import deepspeed
-
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-        yield
-
-
 class _TrainBatches(NumpyBatchCollateFn):
-    """Tokenizes a Ray Data batch of strings into training tensors, inside the worker."""
+    """Tokenizes a Ray Data batch of strings into training tensors, inside the worker; each item's
+    task index and memory flag travel with it to ``Method.loss``."""
 
     def __init__(self, collator: Collator):
         self.collator = collator
 
     def __call__(self, batch):
-        return self.collator.train_batch(list(batch["source"]), list(batch["target"]))
+        tensors = self.collator.train_batch(list(batch["source"]), list(batch["target"]))
+        tensors[TASK_KEY] = torch.as_tensor(batch["task"], dtype=torch.long)
+        tensors[MEMORY_KEY] = torch.as_tensor(batch["memory"], dtype=torch.bool)
+        return tensors
 
 
 def quiet_ray_data() -> None:
@@ -94,7 +87,7 @@ def train_stage(loop_config: dict) -> None:
     stage = Stage.from_dict(loop_config["stage"])
     task_names: list[str] = loop_config["task_names"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if run.ray.use_gpu else "cpu")
-    from sapt.train.engine import build_engine  # after DS_ACCELERATOR is set
+    from sapt.train.engine import build_engine, whole_trainable  # after DS_ACCELERATOR is set
     from sapt.train.loop import train_epoch
 
     quiet_ray_data()
@@ -113,7 +106,8 @@ def train_stage(loop_config: dict) -> None:
     engine = build_engine(model, run.train, use_bf16=use_bf16, param_groups=method.param_groups(model, run.train.lr))
     collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, run.train.max_source_len, run.train.max_target_len)
 
-    reflect_rng = random.Random(run.seed + 104729 * stage.row + rank)  # which remembered inputs to reflect
+    # Which remembered items are reflected or replayed in balanced batches.
+    reflect_rng = random.Random(run.seed + 104729 * stage.row + rank)
 
     # [2] A restarted worker group (or a re-driven run of the same name) continues from its last epoch,
     # with the random state that epoch ended with: it ends as an uninterrupted run would.
@@ -128,23 +122,36 @@ def train_stage(loop_config: dict) -> None:
 
     # [1] This worker's shard of the stage's training stream, and the remembered inputs of earlier tasks.
     shard = ray.train.get_dataset_shard("train")
-    reflect = _reflect_sampler(collator, run.train.batch_size, reflect_rng)
+    spec = method.memory()
+    remembered = _memory_by_task()
+    reflect = _reflect_sampler(collator, run.train.batch_size, reflect_rng, remembered) \
+        if spec is not None and spec.use == "reflect" else None
+    balanced = BalancedMix(remembered, batch_size=run.train.batch_size, old_share=spec.old_share, rng=reflect_rng) \
+        if spec is not None and spec.mix == "balanced" and remembered else None
     for epoch in range(len(history), run.train.epochs):
 
         def progress(step: int, loss: float, tps: float, epoch=epoch) -> None:
             _say(rank, f"{label} epoch {epoch + 1}/{run.train.epochs} step {step} loss {loss:.4f} {tps:,.0f} tok/s/worker")
 
-        batches = shard.iter_torch_batches(
-            batch_size=run.train.batch_size,
-            collate_fn=_TrainBatches(collator),
-            local_shuffle_buffer_size=256,
-            local_shuffle_seed=run.seed + 7919 * epoch + rank,
-        )
+        shuffle_seed = run.seed + 7919 * epoch + rank
+        if balanced is not None:
+            batches = _balanced_batches(shard, collator, balanced, steps=spec.steps_per_epoch, seed=shuffle_seed)
+        else:
+            batches = shard.iter_torch_batches(
+                batch_size=run.train.batch_size,
+                collate_fn=_TrainBatches(collator),
+                local_shuffle_buffer_size=256,
+                local_shuffle_seed=shuffle_seed,
+            )
         stats = train_epoch(engine, method, batches, device=device, log_every=run.train.log_every, on_log=progress,
                             reflect=reflect)
+        seen = torch.tensor([stats.items, stats.memory_items], device=device)
+        dist.all_reduce(seen)  # items of every rank: what share of the stage's stream was remembered items
+        stats.items, stats.memory_items = int(seen[0]), int(seen[1])
         history.append(
             {"epoch": epoch + 1, "steps": stats.steps, "loss": stats.mean_loss, "losses": stats.losses,
              "tokens": stats.tokens, "seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second,
+             "items": stats.items, "memory_items": stats.memory_items,
              "terms": {k: sum(v) / len(v) for k, v in stats.terms.items()}}
         )
         _say(rank, f"{label} epoch {epoch + 1} done: {stats.steps} steps, loss {stats.mean_loss:.4f}, "
@@ -153,7 +160,7 @@ def train_stage(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(str(Path(tmp) / ENGINE_DIR), tag=f"epoch{epoch + 1}", exclude_frozen_parameters=True)
             save_rng(Path(tmp), rank, reflect_rng)
-            with _whole_trainable(engine, run.train.zero_stage):
+            with whole_trainable(engine, run.train.zero_stage):
                 if rank == 0:
                     method.save(engine.module, Path(tmp) / STATE_DIR)
                     (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
@@ -164,21 +171,24 @@ def train_stage(loop_config: dict) -> None:
             )
 
     synced = run.train.zero_stage == 3 and world > 1
-    remembered = _remember_attention(engine.module, method, collator, run, rank, world, device, synced, stage)
+    report = _post_task(engine.module, method, collator, run, rank, world, device, synced, stage)
     predictions, attention = _evaluate(engine, method, collator, run, rank, world, device, task_names, label)
     # [4] The stage's result: state for the next stage, predictions for the driver to score.
     with tempfile.TemporaryDirectory() as tmp:
-        with _whole_trainable(engine, run.train.zero_stage):
+        with whole_trainable(engine, run.train.zero_stage):
             if rank == 0:
                 method.save(engine.module, Path(tmp) / STATE_DIR)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 (Path(tmp) / PREDICTIONS_FILE).write_text(json.dumps(predictions))
+                if report is not None:
+                    (Path(tmp) / POST_TASK_FILE).write_text(json.dumps(report))
                 if attention is not None:
-                    attention["remembered"] = remembered
+                    attention["remembered"] = (report or {}).get("train_attention")
                     (Path(tmp) / ATTENTION_FILE).write_text(json.dumps(attention))
         del engine  # the generator below needs the memory more
-        if method.memory() is not None and method.memory().source == "pseudo" and loop_config.get("needs_memory"):
-            _train_generator(run, method, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR)
+        memory = method.memory()
+        if memory is not None and memory.generator is not None and loop_config.get("needs_memory"):
+            _train_generator(run, memory.generator, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR)
         ray.train.report(
             {"epoch": run.train.epochs, "evaluated": 1},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -186,13 +196,14 @@ def train_stage(loop_config: dict) -> None:
         )
 
 
-def _my_rows(dataset: str, rank: int, world: int) -> list[tuple[int, int, str]]:
-    """This rank's (task, item, source) rows of an unsplit dataset: those with id % world == rank."""
+def _my_rows(dataset: str, rank: int, world: int) -> list[tuple[int, int, str, str]]:
+    """This rank's (task, item, source, target) rows of an unsplit dataset: those with id % world == rank."""
     rows = []
     for batch in ray.train.get_dataset_shard(dataset).iter_batches(batch_size=4096, batch_format="numpy"):
-        for ident, task, item, source in zip(batch["id"], batch["task"], batch["item"], batch["source"]):
+        targets = batch["target"] if "target" in batch else [""] * len(batch["id"])
+        for ident, task, item, source, target in zip(batch["id"], batch["task"], batch["item"], batch["source"], targets):
             if int(ident) >= 0 and int(ident) % world == rank:
-                rows.append((int(task), int(item), str(source)))
+                rows.append((int(task), int(item), str(source), str(target)))
     return rows
 
 
@@ -204,65 +215,97 @@ def _chunks(rows: list, size: int, synced: bool, device) -> tuple[list[list], in
     if synced:
         count = torch.tensor([len(chunks)], device=device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        filler = chunks[-1] if chunks else [(-1, -1, "x")]  # a real token: decoder-only prompts cannot be empty
+        filler = chunks[-1] if chunks else [(-1, -1, "x", "")]  # a real token: decoder-only prompts cannot be empty
         chunks += [filler] * (int(count) - len(chunks))
     return chunks, real
 
 
-def _reflect_sampler(collator: Collator, batch_size: int, rng: random.Random):
-    """Per micro-batch, one batch of remembered inputs of every earlier task (None: nothing kept).
+def _memory_by_task() -> dict[int, list[tuple[str, str]]]:
+    """The remembered (source, target) items of earlier tasks, by task (empty: nothing kept).
 
-    The memory dataset is small (2% of each task): each worker holds it whole and samples from it
-    with ``rng``, whose state every epoch checkpoint keeps.
+    The memory dataset is small next to the stream (a share of each task, or ConPET's history):
+    each worker holds it whole and samples from it with a random state every epoch checkpoint keeps.
     """
     try:
         shard = ray.train.get_dataset_shard("memory")
     except KeyError:
-        return None
+        return {}
     if shard is None:
-        return None
-    by_task: dict[int, list[str]] = {}
+        return {}
+    by_task: dict[int, list[tuple[str, str]]] = {}
     for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-        for task, source in zip(batch["task"], batch["source"]):
-            by_task.setdefault(int(task), []).append(str(source))
+        for task, source, target in zip(batch["task"], batch["source"], batch["target"]):
+            by_task.setdefault(int(task), []).append((str(source), str(target)))
+    return by_task
+
+
+def _reflect_sampler(collator: Collator, batch_size: int, rng: random.Random,
+                     by_task: dict[int, list[tuple[str, str]]]):
+    """Per micro-batch, one batch of remembered inputs of every earlier task (None: nothing kept)."""
     if not by_task:
         return None
 
     def draw() -> dict[int, dict[str, torch.Tensor]]:
-        return {task: collator.generation_batch([rng.choice(items) for _ in range(batch_size)])
+        return {task: collator.generation_batch([rng.choice(items)[0] for _ in range(batch_size)])
                 for task, items in sorted(by_task.items())}
 
     return draw
 
 
+def _balanced_batches(shard, collator: Collator, mix: BalancedMix, *, steps: int | None, seed: int):
+    """Training batches of ``mix.new_per_batch`` new items from this worker's shard plus
+    ``mix.old_per_batch`` remembered ones drawn task-uniformly. ``steps`` batches per epoch (the
+    shard is read again, reshuffled, when it runs out), or one pass over the shard when None."""
+    made, passes = 0, 0
+    while True:
+        read = False
+        for batch in shard.iter_batches(batch_size=mix.new_per_batch, batch_format="numpy",
+                                        local_shuffle_buffer_size=256, local_shuffle_seed=seed + 104729 * passes):
+            read = True
+            new = [(int(t), False, str(s), str(g)) for t, s, g in zip(batch["task"], batch["source"], batch["target"])]
+            old = [(task, True, source, target) for task, (source, target) in mix.draw_old()]
+            rows = new + old
+            tensors = collator.train_batch([r[2] for r in rows], [r[3] for r in rows])
+            tensors[TASK_KEY] = torch.tensor([r[0] for r in rows], dtype=torch.long)
+            tensors[MEMORY_KEY] = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+            yield tensors
+            made += 1
+            if steps is not None and made >= steps:
+                return
+        passes += 1
+        if steps is None or not read:
+            return
+
+
 @torch.no_grad()
-def _remember_attention(model, method: Method, collator, run, rank, world, device, synced, stage) -> list[float] | None:
-    """The newest task's mean attention over its validation inputs, all ranks together; the method keeps it."""
-    rows = _my_rows("val", rank, world)
+def _post_task(model, method: Method, collator, run, rank, world, device, synced, stage) -> dict | None:
+    """The method's post-task pass over the newest task's ``post_task_split`` inputs, all ranks
+    together: per-batch sums, summed over batches and all-reduced, then ``finish_task``, which keeps
+    what it needs in the state. Returns its JSON report (None without a pass)."""
+    if method.post_task_split is None:
+        return None
+    rows = _my_rows("post_task", rank, world)
     chunks, real = _chunks(rows, run.eval.batch_size, synced, device)
     model.eval()
-    total, count = None, torch.zeros((), device=device)
+    totals: dict[str, torch.Tensor] | None = None
+    count = torch.zeros((), device=device)
     for number, chunk in enumerate(chunks):
         batch = {k: v.to(device) for k, v in collator.generation_batch([c[2] for c in chunk]).items()}
-        weights = method.attention(model, batch)
-        if weights is None:
-            return None
-        if total is None:
-            total = torch.zeros(weights.shape[1], device=device)
+        sums = method.post_task_sums(model, batch, [c[3] for c in chunk])
+        if totals is None:
+            totals = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sums.items()}
         if number < real:  # the rest are ZeRO-3 fillers
-            total += weights.float().sum(dim=0)
-            count += weights.shape[0]
-    if total is None:  # no rows and no fillers (never under ZeRO-3): a local call learns the width
+            for key, value in sums.items():
+                totals[key] += value.double()
+            count += len(chunk)
+    if totals is None:  # no rows and no fillers (never under ZeRO-3): a local probe learns the shapes
         batch = {k: v.to(device) for k, v in collator.generation_batch(["x"]).items()}
-        probe = method.attention(model, batch)
-        if probe is None:
-            return None
-        total = torch.zeros(probe.shape[1], device=device)
-    dist.all_reduce(total)
+        totals = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in method.post_task_sums(model, batch, [""]).items()}
+    for key in sorted(totals):  # the same order on every rank
+        dist.all_reduce(totals[key])
     dist.all_reduce(count)
-    mean = (total / count.clamp(min=1)).cpu()
-    method.remember(model, stage.train_tasks[-1], mean)
-    return [float(v) for v in mean]
+    sums = {k: v.float().cpu() for k, v in totals.items()}
+    return method.finish_task(model, stage.train_tasks[-1], sums, int(count)) or {}
 
 
 def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label):
@@ -283,7 +326,7 @@ def _evaluate(engine, method: Method, collator, run, rank, world, device, task_n
                                    device=device, synced_gpus=synced, batch=batch)
         weights = method.attention(model, batch)
         if number < real:  # the rest are ZeRO-3 fillers
-            local.extend((task, item, answer) for (task, item, _), answer in zip(chunk, answers))
+            local.extend((task, item, answer) for (task, item, *_), answer in zip(chunk, answers))
             if weights is not None:
                 _add_routing(routing, [c[0] for c in chunk], weights.float().cpu())
         done += len(chunk)
@@ -319,13 +362,12 @@ def _add_routing(routing: dict[int, dict], tasks: list[int], weights) -> None:
         stats["own_block"] += int(best == task)
 
 
-def _train_generator(run, method: Method, task_names, rank, device, label, out_dir: Path) -> None:
+def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path) -> None:
     """ARM: a fresh LoRA generator of the newest task's prompts, trained on this worker's shard
     (all ranks, one DeepSpeed engine) and saved by rank 0 as a PEFT adapter."""
-    from sapt.train.engine import build_engine
+    from sapt.train.engine import build_engine, whole_trainable
     from sapt.train.loop import train_epoch
 
-    settings = method.generator_settings()
     backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
     model = new_generator(backbone, settings).to(device)
     gen_train = run.train.model_copy(update={"lr": settings.lr, "grad_accum": 1})
@@ -339,7 +381,7 @@ def _train_generator(run, method: Method, task_names, rank, device, label, out_d
     class _PlainLoss:
         @staticmethod
         def loss(model, batch, reflect=None):
-            return model(**batch).loss, {}
+            return model(**batch).loss, {}  # generator batches carry no task/memory keys
 
     shard = ray.train.get_dataset_shard("train")
     steps, passes = 0, 0
@@ -352,6 +394,6 @@ def _train_generator(run, method: Method, task_names, rank, device, label, out_d
             break
         steps, passes = steps + stats.steps, passes + 1
         _say(rank, f"{label} generator: {steps}/{settings.steps} steps, loss {stats.mean_loss:.4f}")
-    with _whole_trainable(engine, run.train.zero_stage):
+    with whole_trainable(engine, run.train.zero_stage):
         if rank == 0:
             engine.module.save_pretrained(str(out_dir))

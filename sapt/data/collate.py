@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100  # label positions the loss skips
 
@@ -39,13 +40,13 @@ class Collator:
         if self.is_encoder_decoder:
             prompts = self._encode(sources, self.max_source_len, special=True)
             batch = self._pad(prompts, left=False)
-            batch["labels"] = self._pad_rows(answers, IGNORE_INDEX, left=False)
+            batch["labels"] = self._pad_labels(answers, left=False)
             return batch
         prompts = self._encode(sources, self.max_source_len, special=False)
         rows = [p + a for p, a in zip(prompts, answers)]
         labels = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
         batch = self._pad(rows, left=True)
-        batch["labels"] = self._pad_rows(labels, IGNORE_INDEX, left=True)
+        batch["labels"] = self._pad_labels(labels, left=True)
         return batch
 
     def generation_batch(self, sources: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -54,12 +55,12 @@ class Collator:
         return self._pad(prompts, left=not self.is_encoder_decoder)
 
     def _pad(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
-        ids = self._pad_rows(rows, self.pad_id, left)
-        mask = self._pad_rows([[1] * len(r) for r in rows], 0, left)
-        return {"input_ids": ids, "attention_mask": mask}
+        padded = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left" if left else "right",
+                                    return_attention_mask=True, return_tensors="pt")
+        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
     @staticmethod
-    def _pad_rows(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
-        return torch.tensor(padded, dtype=torch.long)
+    def _pad_labels(rows: list[list[int]], left: bool) -> torch.Tensor:
+        # tokenizer.pad fills input_ids with its pad token only, never labels with IGNORE_INDEX.
+        return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                            padding_value=IGNORE_INDEX, padding_side="left" if left else "right")

@@ -1,8 +1,12 @@
 """The contract between the runner and a continual-learning method.
 
-The runner owns the loop (data, engines, evaluation, logging); a method only says which data each
-stage trains on, how its model is built from the previous stage's saved state, what the loss is,
-and what to save. Methods never touch Ray, DeepSpeed or MLflow.
+The runner owns the loop (data, engines, evaluation, logging, registry); a method says which data
+each stage trains on, how its model is built from the previous stage's saved state, what the loss
+is, what it keeps of a finished task, what to save and how to rebuild its finished model. Methods
+never touch Ray, DeepSpeed or MLflow: the workers and the registry do those parts for every method.
+
+A new method is one module (or folder) here, one row in ``METHODS`` (``__init__.py``) and, where
+useful, a preset and a search space under ``tuning/``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from sapt.backbones.types import Backbone
+
+# Keys the workers add to every training batch beside the model inputs (``Method.loss`` sees them).
+TASK_KEY = "task"  # (B,) long: the item's task index in the order
+MEMORY_KEY = "memory"  # (B,) bool: True for a remembered item of an earlier task (replay)
+META_KEYS = (TASK_KEY, MEMORY_KEY)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the worker's bookkeeping keys: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in META_KEYS}
 
 
 class NoArgs(BaseModel):
@@ -34,12 +48,14 @@ class Stage:
         train_tasks: indices into the order whose training data this stage uses.
         eval_tasks: indices whose test split is scored after this stage.
         fresh: start from the bare backbone instead of the previous stage's saved state.
+        reference: a single-task reference: its score on task ``row`` is what FWT compares against.
     """
 
     row: int
     train_tasks: tuple[int, ...]
     eval_tasks: tuple[int, ...]
     fresh: bool = False
+    reference: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,28 +67,8 @@ class Stage:
             train_tasks=tuple(data["train_tasks"]),
             eval_tasks=tuple(data["eval_tasks"]),
             fresh=data["fresh"],
+            reference=data.get("reference", False),
         )
-
-
-@dataclass(frozen=True)
-class MemorySpec:
-    """What a method keeps of each finished task for later stages.
-
-    Attributes:
-        source: ``real`` samples of the task's training split, or ``pseudo`` inputs produced by a
-            generator trained on it (then the method also says how, in ``generator_settings``).
-        use: ``replay`` mixes the items (with answers) into later tasks' training data; ``reflect``
-            hands their inputs to ``Method.loss`` as ``reflect`` batches, one per earlier task.
-        fraction: share of the task's training set kept (at least one item).
-    """
-
-    source: Literal["real", "pseudo"]
-    use: Literal["replay", "reflect"]
-    fraction: float = 0.02
-
-    def count(self, train_size: int) -> int:
-        """How many items are kept of a task with ``train_size`` training items."""
-        return max(1, int(self.fraction * train_size))
 
 
 @dataclass(frozen=True)
@@ -89,6 +85,71 @@ class GeneratorSettings:
     max_new_tokens: int
 
 
+@dataclass(frozen=True)
+class MemorySpec:
+    """What a method keeps of each finished task for later stages, and how they use it.
+
+    Attributes:
+        source: ``real`` items of the task's training split, or ``pseudo`` inputs written by a
+            generator that the workers train on the task (settings in ``generator``).
+        use: ``replay`` mixes the items, with their answers, into later tasks' training stream
+            (flagged ``memory`` in the batch); ``reflect`` hands their inputs only to
+            ``Method.loss`` as ``reflect`` batches, one per earlier task per micro-batch.
+        fraction: share of the task's training set kept (at least one item); 1.0 keeps it whole.
+        per_task: keep this many items of each task instead (all of a smaller task); None: ``fraction``.
+        generator: for ``source == "pseudo"``: how each task's generator is trained and sampled.
+        mix: for ``replay``: ``shuffle`` concatenates the kept items into the stream and shuffles;
+            ``balanced`` builds every batch from ``1 - old_share`` new items and ``old_share``
+            remembered ones, drawing a uniformly chosen earlier task first, then one of its items
+            (ConPET's dynamic replay, baselines.md 1.2).
+        old_share: share of each ``balanced`` batch taken from memory.
+        steps_per_epoch: for ``balanced``: a fixed number of batches per epoch whatever the number
+            of earlier tasks (ConPET's step budget); None: one pass over the new task's items.
+    """
+
+    source: Literal["real", "pseudo"]
+    use: Literal["replay", "reflect"]
+    fraction: float = 0.02
+    per_task: int | None = None
+    generator: GeneratorSettings | None = None
+    mix: Literal["shuffle", "balanced"] = "shuffle"
+    old_share: float = 0.5
+    steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        if (self.source == "pseudo") != (self.generator is not None):
+            raise ValueError("pseudo memory needs generator settings, real memory none")
+        if self.mix == "balanced" and self.use != "replay":
+            raise ValueError("balanced batches mix replayed items")
+        if self.steps_per_epoch is not None and self.mix != "balanced":
+            raise ValueError("a fixed step budget belongs to balanced batches")
+
+    @property
+    def keeps_answers(self) -> bool:
+        return self.use == "replay"
+
+    def count(self, train_size: int) -> int:
+        """How many items are kept of a task with ``train_size`` training items."""
+        if self.per_task is not None:
+            return min(self.per_task, train_size)
+        return min(train_size, max(1, int(self.fraction * train_size)))
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """The files of a finished state folder, as the registry stores them (paths relative to it).
+
+    Attributes:
+        blocks: one folder per task-owned PET block, oldest first (registered one version each);
+            empty for methods whose parameters are shared by all tasks.
+        shared: everything else the finished model needs (routers, selectors, statistics, a shared
+            adapter, the method's JSON): files or folders.
+    """
+
+    blocks: tuple[str, ...]
+    shared: tuple[str, ...]
+
+
 class Method(ABC):
     """A continual-learning method: subclass, set ``name`` (and ``Config``), add it to METHODS.
 
@@ -99,15 +160,23 @@ class Method(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]] = NoArgs
+    # Which inputs of a finished task ``post_task_sums`` reads (None: no post-task pass).
+    post_task_split: ClassVar[Literal["val", "train"] | None] = None
 
     def __init__(self, args: BaseModel, pet: Any):
         self.args = args
         self.pet = pet
 
+    # -- the sequence --------------------------------------------------------------------------
     def stages(self, num_tasks: int) -> list[Stage]:
         """Sequential by default: stage j trains task j, then scores tasks 0..j."""
         return [Stage(row=j, train_tasks=(j,), eval_tasks=tuple(range(j + 1))) for j in range(num_tasks)]
 
+    def memory(self) -> MemorySpec | None:
+        """What to keep of each finished task; None keeps nothing."""
+        return None
+
+    # -- training ------------------------------------------------------------------------------
     @abstractmethod
     def build(self, backbone: Backbone, state_dir: Path | None, stage: Stage) -> nn.Module:
         """Returns the model to train at ``stage``: the backbone plus PET parameters.
@@ -125,31 +194,80 @@ class Method(ABC):
         """The training loss of one micro-batch and any extra terms to log.
 
         Args:
+            batch: the model inputs plus ``task`` and ``memory`` (see ``META_KEYS``).
             reflect: for ``memory().use == "reflect"``: one batch of remembered inputs
                 (input_ids, attention_mask) per earlier task index.
         """
-        return model(**batch).loss, {}
+        return model(**model_inputs(batch)).loss, {}
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
         """Optimizer groups when parts of the model need their own learning rate; None: one group."""
         return None
 
-    def memory(self) -> MemorySpec | None:
-        """What to keep of each finished task; None keeps nothing."""
+    # -- after a task --------------------------------------------------------------------------
+    def post_task_sums(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                       targets: list[str]) -> dict[str, torch.Tensor]:
+        """For ``post_task_split``: additive statistics of one batch of the finished task's inputs.
+
+        The workers run it over their share of the split, sum each tensor over batches and ranks
+        (all-reduce), and hand the totals to ``finish_task``. Means, class statistics and
+        covariances all come out of sums.
+        """
+        raise NotImplementedError
+
+    def finish_task(self, model: nn.Module, task: int, sums: dict[str, torch.Tensor],
+                    count: int) -> dict[str, Any] | None:
+        """Takes the summed statistics of finished task ``task`` (``count`` inputs) into the state
+        that ``save`` writes next. Returns JSON diagnostics (``train_attention``: the task's mean
+        block weights) or None."""
         return None
 
-    def generator_settings(self) -> GeneratorSettings | None:
-        """For ``memory().source == "pseudo"``: how to train and sample each task's generator."""
-        return None
-
+    # -- routing diagnostics -------------------------------------------------------------------
     def attention(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Per-input weights over the PET blocks used at test time, (B, blocks); None if the method
-        has no routing. Feeds the diagnostics (routing accuracy, attention heatmaps)."""
+        has no routing. Feeds routing accuracy, attention heatmaps and served ``block_weights``."""
         return None
 
-    def remember(self, model: nn.Module, task: int, mean_attention: torch.Tensor) -> None:
-        """After a task: its validation inputs' mean ``attention``, to keep in the saved state."""
-
+    # -- state ---------------------------------------------------------------------------------
     @abstractmethod
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Writes what the next stage (and the registry) needs: safetensors and JSON only."""
+
+    @abstractmethod
+    def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
+        """The files of the state saved after task ``task_index`` (0-based), for the registry.
+
+        Raises:
+            SaptError: the folder is not a finished state of this method after that task.
+        """
+
+    @abstractmethod
+    def load_finished(self, backbone: Backbone, state_dir: Path) -> nn.Module:
+        """The finished model for inference from a state folder: nothing trainable, eval mode.
+
+        Raises:
+            SaptError: the folder is not a finished state of this method, or does not fit the backbone.
+        """
+
+    def load_block(self, backbone: Backbone, block_dir: Path) -> nn.Module:
+        """One task block alone on the bare backbone (a block version of the registry).
+        Default: a PEFT adapter folder."""
+        from sapt.errors import SaptError
+        from peft import PeftModel
+
+        try:
+            return PeftModel.from_pretrained(backbone.model, str(block_dir)).eval()
+        except Exception as err:  # PEFT reports shape mismatches as RuntimeError
+            raise SaptError(f"block does not fit the backbone: {err}", source=str(block_dir)) from None
+
+    def load_shared(self, backbone: Backbone, state_dir: Path, blocks: int) -> nn.Module:
+        """What the shared state answers alone (a state version of the registry), for methods whose
+        shared state routes inputs: a model with ``attention``-compatible ``block_weights``.
+
+        Raises:
+            SaptError: this method's shared state does not answer anything alone.
+        """
+        from sapt.errors import SaptError
+
+        raise SaptError(f"the shared state of {self.name} answers nothing alone: load the pool version",
+                        source=str(state_dir))

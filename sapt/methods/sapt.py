@@ -18,11 +18,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
-from sapt.methods.base import GeneratorSettings, MemorySpec, Method, Stage
+from sapt.methods.base import GeneratorSettings, MemorySpec, Method, Stage, StateFiles, model_inputs
 from sapt.pet import pool_files
 from sapt.pet.lora_pool import PooledLoraLinear, Routing, inject_lora_pool
 from sapt.pet.prompt_pool import PromptPool
@@ -81,6 +82,7 @@ class _Sapt(Method):
     """What both variants share: router, ARM, ablations, state files. Subclasses own the pool."""
 
     Config = SaptArgs
+    post_task_split = "val"  # ARM's target: the mean attention of the task's validation inputs
 
     def __init__(self, args: SaptArgs, pet):
         super().__init__(args, pet)
@@ -184,7 +186,7 @@ class _Sapt(Method):
 
     def loss(self, model, batch, reflect=None):
         memory = list((reflect or {}).items())
-        out = model(**batch, reflect=[(b["input_ids"], b["attention_mask"]) for _, b in memory] or None)
+        out = model(**model_inputs(batch), reflect=[(b["input_ids"], b["attention_mask"]) for _, b in memory] or None)
         total, terms = out.loss, {"lm": float(out.loss.detach())}
         blocks = out.log_weights.shape[1]
         ablation = self.args.ablation
@@ -225,21 +227,31 @@ class _Sapt(Method):
 
     def memory(self) -> MemorySpec | None:
         kind = _MEMORY[self.args.ablation]
-        return MemorySpec(source=kind[0], use=kind[1], fraction=self.args.memory_fraction) if kind else None
-
-    def generator_settings(self) -> GeneratorSettings:
+        if kind is None:
+            return None
         a = self.args
-        return GeneratorSettings(
+        generator = GeneratorSettings(
             steps=a.generator_steps, lr=a.generator_lr, lora_r=a.generator_lora_r, lora_alpha=a.generator_lora_alpha,
             lora_dropout=a.generator_lora_dropout, top_k=a.generator_top_k,
             repetition_penalty=a.generator_repetition_penalty, max_new_tokens=a.generator_max_new_tokens,
-        )
+        ) if kind[0] == "pseudo" else None
+        return MemorySpec(source=kind[0], use=kind[1], fraction=a.memory_fraction, generator=generator)
 
     @torch.no_grad()
     def attention(self, model, batch):
         return model.block_weights(batch["input_ids"], batch["attention_mask"])
 
+    @torch.no_grad()
+    def post_task_sums(self, model, batch, targets):
+        return {"attention": self.attention(model, batch).float().sum(dim=0)}
+
+    def finish_task(self, model, task, sums, count):
+        mean = sums["attention"] / max(count, 1)
+        self.remember(model, task, mean)
+        return {"train_attention": [float(v) for v in mean]}
+
     def remember(self, model, task: int, mean_attention: torch.Tensor) -> None:
+        """Keeps finished task ``task``'s mean attention as its ARM target."""
         if task != len(self.targets):
             raise RuntimeError(f"attention target for task {task} arrives after {len(self.targets)} targets")
         if self.args.ablation == "no-sa":  # a classifier's target: all weight on the task's own block
@@ -257,6 +269,29 @@ class _Sapt(Method):
         state = {"method": self.name, "blocks": model.num_blocks, "targets": self.targets,
                  "ablation": self.args.ablation}
         (out_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
+        state = _read_state(state_dir, self.name)
+        if state["blocks"] != task_index + 1:
+            raise SaptError(f"{state['blocks']} blocks, but task {task_index} (0-based) needs {task_index + 1}",
+                            source=str(state_dir / STATE_FILE), field="blocks")
+        shared = [pool_files.ROUTER_WEIGHTS, pool_files.ROUTER_CONFIG, STATE_FILE]
+        if (state_dir / SELECTOR_DIR).is_dir():
+            shared.append(SELECTOR_DIR)
+        return StateFiles(blocks=tuple(str(pool_files.block_dir(Path(), i)) for i in range(state["blocks"])),
+                          shared=tuple(shared))
+
+    def load_shared(self, backbone: Backbone, state_dir: Path, blocks: int) -> RoutedModel:
+        """The router (and the no-alignment selector) on the bare backbone: block weights only."""
+        dim = backbone.model.get_input_embeddings().weight.shape[1]
+        router = self._finished_router(dim, blocks, state_dir)
+        selector = self._finished_router(dim, blocks, state_dir / SELECTOR_DIR) if self.args.ablation == "no-alignment" else None
+        model = RoutedModel(backbone.model, router, Routing(), is_encoder_decoder=backbone.is_encoder_decoder,
+                            selection={"no-sa": "top1", "no-alignment": "selector"}.get(self.args.ablation, "attention"),
+                            selector=selector)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model.eval()
 
 
 def _read_state(state_dir: Path, method: str) -> dict:
@@ -314,19 +349,57 @@ class SaptPrompt(_Sapt):
         embedding = backbone.model.get_input_embeddings().weight
         pool = PromptPool(embedding, self.args.prompt_length, old_blocks, torch.Generator().manual_seed(seed))
         if old_blocks:
-            pool.load_old_blocks(pool_files.load_prompts(state_dir)[:old_blocks])
+            pool.load_old_blocks(_load_prompt_blocks(_block_folders(state_dir, old_blocks), self.args.prompt_length,
+                                                      embedding.shape[1]))
         return pool
 
     def _new_block_parameters(self, model):
         return [model.prompts.prompt]
 
     def _load_newest_block(self, prompts, state_dir, blocks):
-        saved = pool_files.load_prompts(state_dir)
-        if saved.shape[0] != blocks:
-            raise SaptError(f"{saved.shape[0]} prompts for {blocks} blocks", source=str(state_dir / pool_files.PROMPTS_FILE))
-        prompts.load_old_blocks(saved[:-1])
+        saved = _load_prompt_blocks(_block_folders(state_dir, blocks), self.args.prompt_length, prompts.prompt.shape[1])
         with torch.no_grad():
             prompts.prompt.copy_(saved[-1])
 
     def _save_pool(self, model, out_dir):
-        pool_files.save_prompts(model.prompts.prompts(), out_dir)
+        for index, prompt in enumerate(model.prompts.prompts()):
+            folder = pool_files.block_dir(out_dir, index)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({"prompt": prompt.detach().float().cpu().contiguous()}, str(folder / PROMPT_FILE))
+
+    def load_block(self, backbone: Backbone, block_dir: Path) -> RoutedModel:
+        """The prompt alone, prepended to every input (one block: any router gives it weight 1)."""
+        embedding = backbone.model.get_input_embeddings().weight
+        prompt = _load_prompt_blocks([block_dir], None, embedding.shape[1])[0]
+        pool = PromptPool(embedding, prompt.shape[0], 0, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            pool.prompt.copy_(prompt)
+        return RoutedModel(backbone.model, SharedAttention(embedding.shape[1]), Routing(),
+                           is_encoder_decoder=backbone.is_encoder_decoder, prompts=pool).eval()
+
+
+PROMPT_FILE = "prompt.safetensors"  # one (P, d) tensor "prompt" per block folder
+
+
+def _load_prompt_blocks(folders: list[Path], length: int | None, dim: int) -> torch.Tensor:
+    """The prompts of these block folders as one (n, P, d) tensor.
+
+    Raises:
+        SaptError: a block file is missing or its tensor does not fit (P, d).
+    """
+    prompts = []
+    for folder in folders:
+        path = folder / PROMPT_FILE
+        if not path.is_file():
+            raise SaptError("prompt block missing", source=str(path))
+        prompt = load_file(str(path)).get("prompt")
+        if prompt is None or prompt.dim() != 2 or prompt.shape[1] != dim or (length is not None and prompt.shape[0] != length):
+            shape = None if prompt is None else tuple(prompt.shape)
+            raise SaptError(f"expected one tensor 'prompt' of shape ({length or 'P'}, {dim}), found {shape}",
+                            source=str(path))
+        prompts.append(prompt)
+    return torch.stack(prompts)
+
+
+def _block_folders(state_dir: Path, count: int) -> list[Path]:
+    return [pool_files.block_dir(state_dir, i) for i in range(count)]

@@ -12,6 +12,7 @@ Shapes: B batch, R = n*r stacked rank, n blocks.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +27,21 @@ class Routing:
 
     def __init__(self) -> None:
         self.weights: torch.Tensor | None = None
+        # When a list: each pooled layer appends its OverlapTerms during forward. Computed there
+        # because ZeRO-3 gathers a layer's parameters only while its own forward runs.
+        self.overlaps: list[OverlapTerms] | None = None
+
+
+class OverlapTerms(NamedTuple):
+    """One pooled layer's new block against its frozen ones (O-LoRA's two penalties).
+
+    Attributes:
+        overlap: sum |A_old A_new^T| over every old row and new row (0 without old blocks).
+        norm: ||A_new||_2 + ||B_new||_2 (Frobenius norms, not squared).
+    """
+
+    overlap: torch.Tensor
+    norm: torch.Tensor
 
 
 class _PooledDelta(torch.autograd.Function):
@@ -72,10 +88,12 @@ class PooledLoraLinear(nn.Module):
         routing: where the per-input weights are read from.
         rank, alpha, dropout: LoRA rank r, scale numerator, dropout on the layer input.
         old_blocks: how many frozen blocks precede the new one (their weights are loaded later).
+        new_blocks: trainable blocks after the frozen ones, stacked in one parameter (ConPET's new
+            expert and its selector are two).
     """
 
     def __init__(self, base: nn.Linear, routing: Routing, *, rank: int, alpha: float, dropout: float,
-                 old_blocks: int):
+                 old_blocks: int, new_blocks: int = 1):
         super().__init__()
         self.base = base
         self.routing = routing
@@ -86,13 +104,15 @@ class PooledLoraLinear(nn.Module):
         self.register_buffer("old_A", torch.zeros(old_blocks * rank, base.in_features, dtype=dtype, device=device))
         self.register_buffer("old_B", torch.zeros(base.out_features, old_blocks * rank, dtype=dtype, device=device))
         # PEFT's LoRA initialisation, done here (outside any HF from_pretrained) so it really runs.
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=dtype, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=dtype, device=device))
+        self.new_blocks = new_blocks
+        self.lora_A = nn.Parameter(torch.empty(new_blocks * rank, base.in_features, dtype=dtype, device=device))
+        for block in self.lora_A.data.split(rank):  # each block's own fan-in, as PEFT initialises one
+            nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, new_blocks * rank, dtype=dtype, device=device))
 
     @property
     def num_blocks(self) -> int:
-        return self.old_A.shape[0] // self.rank + 1
+        return (self.old_A.shape[0] + self.lora_A.shape[0]) // self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights_Bn = self.routing.weights
@@ -101,20 +121,27 @@ class PooledLoraLinear(nn.Module):
         out = self.base(x)
         scale_BR = weights_Bn.to(x.dtype).repeat_interleave(self.rank, dim=1) * self.scaling
         scale = scale_BR.view(scale_BR.shape[0], *([1] * (x.dim() - 2)), scale_BR.shape[1])
+        if self.routing.overlaps is not None:
+            self.routing.overlaps.append(OverlapTerms(
+                overlap=(self.old_A @ self.lora_A.T).abs().sum(),  # (R_old, r)
+                norm=torch.linalg.norm(self.lora_A) + torch.linalg.norm(self.lora_B),
+            ))
         return out + _PooledDelta.apply(self.dropout(x), scale, self.old_A, self.old_B, self.lora_A, self.lora_B)
 
     def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block ``index`` (0 = oldest, num_blocks-1 = the new one) as (A (r, d_in), B (d_out, r))."""
-        if index == self.num_blocks - 1:
-            return self.lora_A.detach(), self.lora_B.detach()
+        """Block ``index`` (0 = oldest, the last ``new_blocks`` trainable) as (A (r, d_in), B (d_out, r))."""
+        old = self.old_A.shape[0] // self.rank
+        if index >= old:
+            rows = slice((index - old) * self.rank, (index - old + 1) * self.rank)
+            return self.lora_A.detach()[rows], self.lora_B.detach()[:, rows]
         rows = slice(index * self.rank, (index + 1) * self.rank)
         return self.old_A[rows], self.old_B[:, rows]
 
     @torch.no_grad()
     def load_old_blocks(self, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fills the frozen part of the pool with (A, B) pairs, oldest first."""
-        if len(blocks) != self.num_blocks - 1:
-            raise ValueError(f"expected {self.num_blocks - 1} old blocks, got {len(blocks)}")
+        if len(blocks) != self.num_blocks - self.new_blocks:
+            raise ValueError(f"expected {self.num_blocks - self.new_blocks} old blocks, got {len(blocks)}")
         if blocks:
             self.old_A.copy_(torch.cat([a for a, _ in blocks], dim=0))
             self.old_B.copy_(torch.cat([b for _, b in blocks], dim=1))
@@ -130,7 +157,7 @@ def targets_in(model: nn.Module, suffixes: list[str]) -> list[str]:
 
 
 def inject_lora_pool(model: nn.Module, suffixes: list[str], routing: Routing, *, rank: int, alpha: float,
-                     dropout: float, old_blocks: int) -> dict[str, PooledLoraLinear]:
+                     dropout: float, old_blocks: int, new_blocks: int = 1) -> dict[str, PooledLoraLinear]:
     """Replaces every targeted linear of ``model`` in place by a pooled layer; returns them by name."""
     names = targets_in(model, suffixes)
     if not names:
@@ -140,7 +167,7 @@ def inject_lora_pool(model: nn.Module, suffixes: list[str], routing: Routing, *,
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = PooledLoraLinear(getattr(parent, child), routing, rank=rank, alpha=alpha, dropout=dropout,
-                                 old_blocks=old_blocks)
+                                 old_blocks=old_blocks, new_blocks=new_blocks)
         setattr(parent, child, layer)
         layers[name] = layer
     return layers

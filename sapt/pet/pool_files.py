@@ -4,7 +4,7 @@ prompts as safetensors + JSON. Nothing here unpickles.
     blocks/block-000/adapter_config.json      one PEFT LoRA adapter per task, oldest first;
     blocks/block-000/adapter_model.safetensors ``PeftModel.from_pretrained`` loads it on the bare backbone
     router.safetensors + router.json           projection weights and keys (n, d)
-    prompts.safetensors                        SAPT-Prompt: (n, P, d)
+    blocks/block-000/prompt.safetensors        SAPT-Prompt: one (P, d) prompt per block (methods/sapt.py)
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from sapt.pet.router import SharedAttention
 
 BLOCKS_DIR = "blocks"
 ROUTER_WEIGHTS, ROUTER_CONFIG = "router.safetensors", "router.json"
-PROMPTS_FILE = "prompts.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -43,15 +42,12 @@ def save_lora_block(layers: dict[str, PooledLoraLinear], index: int, out_dir: Pa
         r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, base_model_name_or_path=base_model,
         task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
     )
+    # PEFT keeps target_modules as a set, written in hash order: a sorted list makes the same block
+    # always give the same bytes (the registry recognises an already-registered block by its sha256).
+    if isinstance(config.target_modules, set):
+        config.target_modules = sorted(config.target_modules)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out_dir))
-    # PEFT keeps target_modules as a set, written in hash order: sort it, so the same block always
-    # gives the same bytes (the registry recognises an already-registered block by its sha256).
-    config_file = out_dir / "adapter_config.json"
-    saved = json.loads(config_file.read_text())
-    if isinstance(saved.get("target_modules"), list):
-        saved["target_modules"] = sorted(saved["target_modules"])
-    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True))
     save_file(tensors, str(out_dir / "adapter_model.safetensors"))
 
 
@@ -61,7 +57,16 @@ def _read_block(root: Path, index: int, layers: dict[str, PooledLoraLinear]) -> 
     Raises:
         SaptError: the block folder is missing, or its layers or shapes do not fit this backbone.
     """
-    path = block_dir(root, index) / "adapter_model.safetensors"
+    return read_lora_adapter(block_dir(root, index), layers)
+
+
+def read_lora_adapter(folder: Path, layers: dict[str, PooledLoraLinear]) -> dict[str, tuple]:
+    """A LoRA adapter folder as {layer name: (A, B)}, checked against the pooled layers' shapes.
+
+    Raises:
+        SaptError: the folder is missing, or its layers or shapes do not fit this backbone.
+    """
+    path = folder / "adapter_model.safetensors"
     if not path.is_file():
         raise SaptError("LoRA block missing", source=str(path))
     tensors = load_file(str(path))
@@ -85,11 +90,18 @@ def load_lora_blocks(root: Path, count: int, layers: dict[str, PooledLoraLinear]
 
 
 @torch.no_grad()
-def load_newest_lora_block(root: Path, index: int, layers: dict[str, PooledLoraLinear]) -> None:
-    """Loads block ``index`` into the trainable (newest) slot of each pooled layer."""
-    for name, (a, b) in _read_block(root, index, layers).items():
-        layers[name].lora_A.copy_(a)
-        layers[name].lora_B.copy_(b)
+def load_newest_lora_block(root: Path, index: int, layers: dict[str, PooledLoraLinear], slot: int = 0) -> None:
+    """Loads block ``index`` into trainable slot ``slot`` of each pooled layer (0: the first new block)."""
+    load_into_slot(_read_block(root, index, layers), layers, slot)
+
+
+@torch.no_grad()
+def load_into_slot(block: dict[str, tuple], layers: dict[str, PooledLoraLinear], slot: int) -> None:
+    """Copies a read block ({layer name: (A, B)}) into trainable slot ``slot`` of each pooled layer."""
+    for name, (a, b) in block.items():
+        rows = slice(slot * layers[name].rank, (slot + 1) * layers[name].rank)
+        layers[name].lora_A[rows].copy_(a)
+        layers[name].lora_B[:, rows].copy_(b)
 
 
 def save_router(router: SharedAttention, out_dir: Path) -> None:
@@ -126,15 +138,3 @@ def load_router_into(router: SharedAttention, root: Path) -> None:
                         f"expected {expected} and ({router.num_blocks - 1}, {router.dim})", source=str(path))
     router.projection.load_state_dict(projection)
     router.old_keys = keys.to(router.old_keys.device, router.old_keys.dtype)
-
-
-def save_prompts(prompts: torch.Tensor, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"prompts": prompts.detach().float().cpu().contiguous()}, str(out_dir / PROMPTS_FILE))
-
-
-def load_prompts(root: Path) -> torch.Tensor:
-    path = root / PROMPTS_FILE
-    if not path.is_file():
-        raise SaptError("prompt pool missing", source=str(path))
-    return load_file(str(path))["prompts"]

@@ -10,23 +10,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
 
 from sapt.errors import SaptError
 
 META_FILE = "version.json"  # the "meta" artifact of every version
-FORMAT = 1
+FORMAT = 2  # 2: any method's state, laid out by the files it declares (1: SAPT pools only)
 ALLOWED_SUFFIXES = (".safetensors", ".json")  # nothing that unpickles
-METHODS = ("sapt-lora", "sapt-prompt")
-KINDS = ("pool", "block", "router")
-_ARTIFACT_KEYS = {"pool": ("router", "blocks"), "block": ("block",), "router": ("router",)}  # besides "meta"
+KINDS = ("pool", "block", "state")
+BLOCKS, STATE = "blocks", "state"  # artifact keys besides "meta"
 
-# State folder names (sapt/pet/pool_files.py, sapt/methods/sapt.py); repeated here so that this
-# module does not import torch-heavy method code for bookkeeping.
-_STATE_FILE, _SELECTOR_DIR = "sapt.json", "selector"
-_ROUTER_FILES = ("router.safetensors", "router.json")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_PROMPTS_FILE, _PROMPT_FILE = "prompts.safetensors", "prompt.safetensors"
+
+def block_name(index: int) -> str:
+    return f"block-{index:03d}"
+
+
+def _artifact_keys(meta: dict) -> set[str]:
+    kind = meta["kind"]
+    if kind == "block":
+        return {"meta", "block"}
+    if kind == "state" or not meta.get("layout", {}).get("blocks"):
+        return {"meta", STATE}
+    return {"meta", STATE, BLOCKS}
 
 
 def _sha256(path: Path) -> str:
@@ -76,14 +80,14 @@ def verify_artifacts(artifacts: Mapping[str, str | Path]) -> dict:
     artifacts = {key: Path(path) for key, path in artifacts.items()}
     meta_path = artifacts.get("meta")
     if meta_path is None or not meta_path.is_file():
-        raise SaptError(f"{META_FILE} missing: not a SAPT registry version", source=str(meta_path), field="meta")
+        raise SaptError(f"{META_FILE} missing: not a sapt registry version", source=str(meta_path), field="meta")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
         raise SaptError(f"unreadable: {err}", source=str(meta_path)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in KINDS:
-        raise SaptError(f"not a format-{FORMAT} SAPT registry version", source=str(meta_path), field="format")
-    wanted = {"meta", *_ARTIFACT_KEYS[meta["kind"]]}
+        raise SaptError(f"not a format-{FORMAT} sapt registry version", source=str(meta_path), field="format")
+    wanted = _artifact_keys(meta)
     if set(artifacts) != wanted:
         raise SaptError(f"artifacts {sorted(artifacts)}, expected {sorted(wanted)}", source=str(meta_path),
                         field="artifacts")
@@ -98,104 +102,88 @@ def verify_artifacts(artifacts: Mapping[str, str | Path]) -> dict:
     return meta
 
 
-
-def read_state(state_dir: Path, method: str, task_index: int, task_names: Sequence[str]) -> dict:
-    path = state_dir / _STATE_FILE
-    if method not in METHODS:
-        raise SaptError(f"the pool registry holds SAPT states only ({', '.join(METHODS)})", source="method")
-    if not 0 <= task_index < len(task_names):
-        raise SaptError(f"task index {task_index} outside an order of {len(task_names)} tasks", source="task_index")
-    if not path.is_file():
-        raise SaptError(f"not a {method} state folder", source=str(path))
-    state = json.loads(path.read_text())
-    if state.get("method") != method:
-        raise SaptError(f"state of method {state.get('method')!r}, not {method!r}", source=str(path), field="method")
-    if state.get("blocks") != task_index + 1:
-        raise SaptError(f"{state.get('blocks')} blocks, but task {task_index} (0-based) needs {task_index + 1}",
-                        source=str(path), field="blocks")
-    if len(state.get("targets", [])) != state["blocks"]:
-        raise SaptError("the newest block has no attention target: saved mid-task", source=str(path), field="targets")
-    return state
+def _relative(path: str, where: str) -> Path:
+    """A declared state path, refused when it could point outside the state folder."""
+    rel = Path(path)
+    if not path or rel.is_absolute() or ".." in rel.parts:
+        raise SaptError(f"state path {path!r} must be relative and inside the state folder", source=where)
+    return rel
 
 
-def _copy_files(source: Path, names: Sequence[str], dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if not (source / name).is_file():
-            raise SaptError("missing from the state folder", source=str(source / name))
-        shutil.copyfile(source / name, dest / name)
+def _copy(source: Path, dest: Path) -> None:
+    if source.is_dir():
+        _check_file_types(str(source), source)
+        shutil.copytree(source, dest)
+    elif source.is_file():
+        _check_file_types(str(source), source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+    else:
+        raise SaptError("missing from the state folder", source=str(source))
 
 
 @dataclass
-class _Staged:
-    blocks: list[Path]  # one folder per block, oldest first
-    blocks_root: Path
-    router: Path
-    pet: dict
+class Staged:
+    """A state folder split into artifacts: its task blocks and the rest.
+
+    Attributes:
+        blocks: one folder per task block, oldest first (``blocks_root/block-NNN``).
+        blocks_root: the pool's ``blocks`` artifact (None when the method has no task blocks).
+        state: the ``state`` artifact: every shared path, at its place in the state folder.
+        layout: where each part goes back when the state folder is rebuilt.
+    """
+
+    blocks: list[Path]
+    blocks_root: Path | None
+    state: Path
+    layout: dict
 
 
-def stage(state_dir: Path, state: dict, out: Path) -> _Staged:
-    """Copies the whitelisted files of a state folder into per-artifact folders."""
-    count = state["blocks"]
-    blocks_root = out / "blocks"
-    blocks = [blocks_root / f"block-{i:03d}" for i in range(count)]
-    pet: dict = {}
-    if state["method"] == "sapt-lora":
-        for index, dest in enumerate(blocks):
-            _copy_files(state_dir / "blocks" / dest.name, _ADAPTER_FILES, dest)
-            config = json.loads((dest / "adapter_config.json").read_text())
-            this = {"lora_r": int(config["r"]), "lora_alpha": float(config["lora_alpha"])}
-            if pet and this != pet:
-                raise SaptError(f"block {index} has rank/alpha {this}, block 0 {pet}", source=str(dest))
-            pet = this
-    else:
-        path = state_dir / _PROMPTS_FILE
-        if not path.is_file():
-            raise SaptError("prompt pool missing", source=str(path))
-        prompts = load_file(str(path))["prompts"]  # (n, P, d)
-        if prompts.shape[0] != count:
-            raise SaptError(f"{prompts.shape[0]} prompts for {count} blocks", source=str(path))
-        for index, dest in enumerate(blocks):
-            dest.mkdir(parents=True)
-            save_file({"prompt": prompts[index].contiguous()}, str(dest / _PROMPT_FILE))
-    router = out / "router"
-    _copy_files(state_dir, (*_ROUTER_FILES, _STATE_FILE), router)
-    if (state_dir / _SELECTOR_DIR).is_dir():  # the no-alignment ablation's separate selector
-        _copy_files(state_dir / _SELECTOR_DIR, _ROUTER_FILES, router / _SELECTOR_DIR)
-    return _Staged(blocks=blocks, blocks_root=blocks_root, router=router, pet=pet)
+def stage(state_dir: Path, blocks: Sequence[str], shared: Sequence[str], out: Path) -> Staged:
+    """Copies the declared parts of a state folder (relative paths) into per-artifact folders.
+
+    Raises:
+        SaptError: a declared path is missing, escapes the folder, or holds other than safetensors/JSON.
+    """
+    if not shared:
+        raise SaptError("the method declares no shared state files", source=str(state_dir))
+    state = out / STATE
+    state.mkdir(parents=True)
+    for path in shared:
+        _copy(state_dir / _relative(path, str(state_dir)), state / path)
+    blocks_root = out / BLOCKS if blocks else None
+    staged_blocks = []
+    for index, path in enumerate(blocks):
+        source = state_dir / _relative(path, str(state_dir))
+        if not source.is_dir():
+            raise SaptError("block folder missing from the state folder", source=str(source))
+        dest = out / BLOCKS / block_name(index)
+        _copy(source, dest)
+        staged_blocks.append(dest)
+    return Staged(blocks=staged_blocks, blocks_root=blocks_root, state=state,
+                  layout={"blocks": list(blocks), "shared": list(shared)})
 
 
 def rebuild_state(artifacts: Mapping[str, str | Path], meta: dict, out_dir: Path) -> Path:
     """Writes the state folder ``load_finished`` reads from a verified pool version's artifacts.
 
     Returns:
-        ``out_dir``, holding sapt.json, the router, and blocks/ (sapt-lora) or prompts.safetensors.
+        ``out_dir``: the shared parts and every block back at their declared paths.
     """
     if meta["kind"] != "pool":
         raise SaptError(f"a {meta['kind']} version, not a pool", source=str(artifacts["meta"]), field="kind")
-    blocks_root, router = Path(artifacts["blocks"]), Path(artifacts["router"])
-    blocks = sorted(p for p in blocks_root.iterdir() if p.is_dir())
-    if [p.name for p in blocks] != [f"block-{i:03d}" for i in range(meta["blocks"])]:
-        raise SaptError(f"expected blocks block-000..block-{meta['blocks'] - 1:03d}", source=str(blocks_root))
+    layout = meta["layout"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    if meta["method"] == "sapt-lora":
-        for block in blocks:
-            _copy_files(block, _ADAPTER_FILES, out_dir / "blocks" / block.name)
-    else:
-        import torch
-
-        prompts = [load_file(str(b / _PROMPT_FILE)).get("prompt") for b in blocks]
-        for block, prompt in zip(blocks, prompts):
-            if prompt is None or prompt.dim() != 2 or prompt.shape != prompts[0].shape:
-                raise SaptError("expected one (P, d) tensor 'prompt', the same shape in every block",
-                                source=str(block / _PROMPT_FILE))
-        stacked = torch.stack(prompts)  # (n, P, d)
-        save_file({"prompts": stacked.contiguous()}, str(out_dir / _PROMPTS_FILE))
-    _copy_files(router, (*_ROUTER_FILES, _STATE_FILE), out_dir)
-    if (router / _SELECTOR_DIR).is_dir():
-        _copy_files(router / _SELECTOR_DIR, _ROUTER_FILES, out_dir / _SELECTOR_DIR)
-    state = json.loads((out_dir / _STATE_FILE).read_text())
-    if state.get("blocks") != meta["blocks"] or state.get("method") != meta["method"]:
-        raise SaptError(f"sapt.json says {state.get('method')} with {state.get('blocks')} blocks, version.json "
-                        f"{meta['method']} with {meta['blocks']}", source=str(router / _STATE_FILE))
+    state = Path(artifacts[STATE])
+    for path in layout["shared"]:
+        _copy(state / _relative(path, str(state)), out_dir / path)
+    if layout["blocks"]:
+        blocks_root = Path(artifacts[BLOCKS])
+        found = sorted(p.name for p in blocks_root.iterdir() if p.is_dir())
+        wanted = [block_name(i) for i in range(len(layout["blocks"]))]
+        if found != wanted:
+            raise SaptError(f"expected block folders {wanted[0]}..{wanted[-1]}, found {found[:3]}...",
+                            source=str(blocks_root))
+        for index, path in enumerate(layout["blocks"]):
+            _copy(blocks_root / block_name(index), out_dir / _relative(path, str(blocks_root)))
     return out_dir

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from sapt.errors import SaptError
 from sapt.registry.mlflow_connection import ALIAS_PATTERN, check_name, connect, fluent_uris
-from sapt.registry.pool_artifacts import rebuild_state, verify_artifacts
+from sapt.registry.pool_artifacts import FORMAT, rebuild_state, verify_artifacts
 from sapt.registry.pool_versions import REGISTRY_TAG, model_versions
 
 
@@ -28,14 +28,14 @@ def complete_pool_versions(tracking_uri: str, pool_name: str, order: Sequence[st
                            backbone_identity: str | None = None) -> dict[int, int]:
     """{0-based task index: pool version} of the tasks whose pool version was registered (READY).
 
-    Block and router versions alone never count: an interrupted registration leaves at most those.
+    Block and state versions alone never count: an interrupted registration leaves at most those.
     Filters: the order always; the source run, method and backbone identity when given.
     """
     check_name(pool_name)
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         return {}  # a first run: its embedded store does not exist yet
     client = connect(tracking_uri)
-    wanted = {"kind": "pool", "order": json.dumps([str(n) for n in order])}
+    wanted = {"kind": "pool", "order": json.dumps([str(n) for n in order]), "format": str(FORMAT)}
     if source_run_id is not None:
         wanted["source_run_id"] = source_run_id
     if method is not None:
@@ -104,7 +104,7 @@ def _aliases(model) -> dict[str, int]:
 
 
 def list_pools(tracking_uri: str) -> list[dict]:
-    """Every SAPT registered model (pools, their blocks and routers) as plain dicts, by name."""
+    """Every sapt registered model (pools, their blocks and states) as plain dicts, by name."""
     client = connect(tracking_uri)
     out, token = [], None
     while True:

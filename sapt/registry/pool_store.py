@@ -1,17 +1,20 @@
-"""Registering SAPT adapter pools in the MLflow model registry: after each finished task, its block,
-the router and the whole pool, each as a pyfunc model version (``pool_model.py``, "models from code").
+"""Registering adapter pools in the MLflow model registry: after each finished task, the method's task
+blocks, its shared state and the whole finished model (the pool), each as a pyfunc model version
+(``pool_model.py``, "models from code"). Any method: its state is laid out by the files it declares
+(``Method.finished_files``), so nothing here names a method.
 Reading is in ``pool_reader.py``, the version files in ``pool_artifacts.py``, the MLflow client in
 ``mlflow_connection.py``; their public names are re-exported here (``__all__``).
 
 Layout (``docs/registry.md``), for a pool named P:
 
-    P-blocks  one version per task: the task's PEFT LoRA adapter folder (sapt-prompt: its prompt tensor)
-    P-router  one version per task: router.safetensors + router.json + sapt.json
-    P         one version per task: router + every block so far, self-contained and servable;
+    P-blocks  one version per task block (methods with task-owned blocks: SAPT, O-LoRA): the block's
+              folder, e.g. a PEFT LoRA adapter (sapt-prompt: its prompt tensor)
+    P-state   one version per task: the shared rest (SAPT: router + sapt.json; SeqLoRA: its adapter)
+    P         one version per task: state + every block so far, self-contained and servable;
               aliases ``after-tNN`` (1-based: after-t01 = after the first task) and ``newest``
 
 Commit point: the pool version is registered last, with all its tags in the same call, and it is
-the only thing ``last_complete_task`` (what ``--resume`` reads) trusts. Block and router versions
+the only thing ``last_complete_task`` (what ``--resume`` reads) trusts. Block and state versions
 of an interrupted task are found again by their content hash and reused, so retrying creates no
 duplicates. Artifacts are safetensors and JSON only, listed with their sha256 in ``version.json``.
 """
@@ -34,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from sapt.errors import SaptError
 from sapt.registry.mlflow_connection import check_name, connect, fluent_uris
 from sapt.registry.pool_artifacts import (
-    ALLOWED_SUFFIXES, FORMAT, KINDS, META_FILE, METHODS, content_hash, manifest, read_state, rebuild_state, stage,
+    ALLOWED_SUFFIXES, BLOCKS, FORMAT, KINDS, META_FILE, STATE, content_hash, manifest, rebuild_state, stage,
     verify_artifacts,
 )
 from sapt.registry.pool_reader import (
@@ -45,9 +48,9 @@ from sapt.registry.pool_versions import REGISTRY_TAG, model_versions
 __all__ = [
     # registering (this module)
     "POOL_MODEL_CODE", "NEWEST_ALIAS", "DEFAULT_EXPERIMENT", "Generation", "PoolVersion", "blocks_model",
-    "router_model", "after_alias", "register_task",
+    "state_model", "after_alias", "register_task",
     # re-exported: artifacts (pool_artifacts), the registry tag (pool_versions), reading (pool_reader)
-    "META_FILE", "FORMAT", "ALLOWED_SUFFIXES", "METHODS", "KINDS", "manifest", "content_hash", "verify_artifacts",
+    "META_FILE", "FORMAT", "ALLOWED_SUFFIXES", "KINDS", "manifest", "content_hash", "verify_artifacts",
     "rebuild_state", "REGISTRY_TAG", "complete_pool_versions", "last_complete_task", "list_pools", "show",
     "promote", "download_state", "download_block", "load_pool",
 ]
@@ -83,18 +86,18 @@ class PoolVersion:
     """What one task's registration produced (or found already registered).
 
     Attributes:
-        name: the pool's registered-model name; blocks and router live in ``{name}-blocks``/``-router``.
+        name: the pool's registered-model name; blocks and state live in ``{name}-blocks``/``-state``.
         task_index: 0-based position in the order.
         pool: version of ``name``.
-        router: version of ``{name}-router``.
-        blocks: versions of ``{name}-blocks`` for blocks 0..task_index, oldest first.
+        state: version of ``{name}-state``.
+        blocks: versions of ``{name}-blocks`` for the state's blocks, oldest first (empty without blocks).
         created: False when the pool version already existed (idempotent re-registration).
     """
 
     name: str
     task_index: int
     pool: int
-    router: int
+    state: int
     blocks: tuple[int, ...]
     created: bool
 
@@ -103,8 +106,8 @@ def blocks_model(pool_name: str) -> str:
     return f"{pool_name}-blocks"
 
 
-def router_model(pool_name: str) -> str:
-    return f"{pool_name}-router"
+def state_model(pool_name: str) -> str:
+    return f"{pool_name}-state"
 
 
 def after_alias(task_index: int) -> str:
@@ -129,7 +132,7 @@ def _signature(kind: str):
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
     outputs = [ColSpec(Array(DataType.double), "block_weights")]
-    if kind != "router":
+    if kind != "state":
         outputs.insert(0, ColSpec(DataType.string, "answer"))
     return ModelSignature(inputs=Schema([ColSpec(DataType.string, "input")]), outputs=Schema(outputs))
 
@@ -160,7 +163,7 @@ def _ensure_registered(client: MlflowClient, name: str, kind: str, pool_name: st
             pass
         return
     if model.tags.get(REGISTRY_TAG) not in (None, kind):
-        raise SaptError(f"registered model {name!r} is a SAPT {model.tags[REGISTRY_TAG]}, not a {kind}",
+        raise SaptError(f"registered model {name!r} is a sapt {model.tags[REGISTRY_TAG]}, not a {kind}",
                         source="pool_name")
 
 
@@ -205,6 +208,8 @@ def register_task(
     *,
     pool_name: str,
     state_dir: str | Path,
+    blocks: Sequence[str],
+    shared: Sequence[str],
     task_index: int,
     task_names: Sequence[str],
     method: str,
@@ -215,17 +220,21 @@ def register_task(
     metrics: Mapping[str, float | None],
     source_run_id: str | None,
     generation: Generation,
+    pet: Mapping[str, Any],
     backbone_args: Mapping[str, Any] | None = None,
 ) -> PoolVersion:
-    """Registers a finished task: its block, the router, then the pool made of them (the commit point).
+    """Registers a finished task: its blocks, the shared state, then the pool made of them (the commit point).
 
     Args:
         tracking_uri: MLflow tracking URI (its model registry is used too).
         pool_name: the pool's registered-model name (e.g. ``sapt-<order>``).
         state_dir: the method's saved state after the task (a local folder, ``method.save`` output).
-        task_index: 0-based index of the task just finished; the state holds task_index + 1 blocks.
+        blocks, shared: what ``Method.finished_files`` declares: paths relative to ``state_dir`` of
+            its task blocks (oldest first) and of everything else.
+        task_index: 0-based index of the task just finished.
         task_names: the order.
-        method, method_args: ``sapt-lora`` or ``sapt-prompt`` and its validated knobs.
+        method, method_args: the method's name and its validated knobs (defaults included).
+        pet: the run's ``pet`` section (rank, alpha, dropout), to rebuild the method.
         backbone_spec, backbone_identity: ``Backbone.name`` and ``Backbone.identity``; the backbone
             is referenced by spec (never copied) and checked against the identity when loaded.
         benchmark: a label for the data (e.g. ``embedded``, ``long``).
@@ -246,42 +255,50 @@ def register_task(
     check_name(pool_name)
     state_dir = Path(state_dir)
     names = [str(n) for n in task_names]
-    state = read_state(state_dir, method, task_index, names)
+    if not 0 <= task_index < len(names):
+        raise SaptError(f"task index {task_index} outside an order of {len(names)} tasks", source="task_index")
+    if len(blocks) > task_index + 1:
+        raise SaptError(f"{len(blocks)} blocks after task {task_index} (0-based): at most one per task",
+                        source=str(state_dir), field="blocks")
     client = connect(tracking_uri, create=True)
     experiment_id = _experiment(client, tracking_uri, source_run_id)
     order = json.dumps(names)
     run = source_run_id or ""
-    for name, kind in ((pool_name, "pool"), (blocks_model(pool_name), "blocks"), (router_model(pool_name), "router")):
+    models = [(pool_name, "pool"), (state_model(pool_name), "state")]
+    if blocks:  # methods without task-owned blocks get no (empty) blocks model
+        models.append((blocks_model(pool_name), "blocks"))
+    for name, kind in models:
         _ensure_registered(client, name, kind, pool_name)
 
     with tempfile.TemporaryDirectory(prefix="sapt-registry-") as tmp:
         work = Path(tmp)
-        staged = stage(state_dir, state, work)
+        staged = stage(state_dir, blocks, shared, work)
         base_meta = {
             "format": FORMAT, "pool": pool_name, "method": method, "method_args": dict(method_args),
-            "pet": staged.pet,
+            "pet": dict(pet), "layout": staged.layout,
             "backbone": {"spec": backbone_spec, "identity": backbone_identity, "args": dict(backbone_args or {})},
             "generation": {"max_source_len": generation.max_source_len, "max_target_len": generation.max_target_len,
                            "max_new_tokens": generation.max_new_tokens, "batch_size": generation.batch_size},
-            "benchmark": benchmark, "order": names, "ablation": state.get("ablation", "none"),
+            "benchmark": benchmark, "order": names,
         }
         base_tags = {
             "pool": pool_name, "benchmark": benchmark, "order": order, "method": method,
             "method_args": json.dumps(dict(method_args), sort_keys=True), "backbone": backbone_spec,
-            "backbone_identity": backbone_identity, "source_run_id": run,
+            "backbone_identity": backbone_identity, "source_run_id": run, "format": str(FORMAT),
         }
         metric_tags = {f"metric.{k}": repr(float(v)) for k, v in metrics.items() if v is not None}
 
-        pool_artifacts = {"router": staged.router, "blocks": staged.blocks_root}
+        pool_artifacts = {STATE: staged.state, **({BLOCKS: staged.blocks_root} if staged.blocks else {})}
         pool_sha = content_hash(manifest(pool_artifacts))
-        existing = _find(client, pool_name, kind="pool", order=order, task_index=str(task_index), source_run_id=run)
+        existing = _find(client, pool_name, kind="pool", order=order, task_index=str(task_index), source_run_id=run,
+                         format=str(FORMAT))
         if existing is not None:
             if existing.tags.get("sha256") != pool_sha:
                 raise SaptError(f"task {task_index} of run {run!r} is already registered with other weights "
                                 f"(version {existing.version}); delete it or register under another run",
                                 source=f"models:/{pool_name}/{existing.version}", field="sha256")
             _set_aliases(client, pool_name, int(existing.version), task_index)
-            return PoolVersion(pool_name, task_index, int(existing.version), int(existing.tags["router_version"]),
+            return PoolVersion(pool_name, task_index, int(existing.version), int(existing.tags["state_version"]),
                                tuple(json.loads(existing.tags["block_versions"])), created=False)
 
         with fluent_uris(tracking_uri):
@@ -289,7 +306,7 @@ def register_task(
             for index, block in enumerate(staged.blocks):
                 artifacts = {"block": block}
                 sha = content_hash(manifest(artifacts))
-                key = {"order": order, "task_index": str(index), "sha256": sha}
+                key = {"order": order, "task_index": str(index), "sha256": sha, "format": str(FORMAT)}
                 found = (_find(client, blocks_model(pool_name), **key, source_run_id=run)
                          or _find(client, blocks_model(pool_name), **key))
                 if found is not None:
@@ -304,27 +321,27 @@ def register_task(
                                                    work=work))
 
             task_tags = {**base_tags, "task_index": str(task_index), "task_name": names[task_index], **metric_tags,
-                         "blocks": str(task_index + 1)}
+                         "blocks": str(len(staged.blocks))}
             task_meta = {**base_meta, "task_index": task_index, "task_name": names[task_index],
-                         "blocks": task_index + 1}
-            router_artifacts = {"router": staged.router}
-            router_sha = content_hash(manifest(router_artifacts))
-            found = _find(client, router_model(pool_name), kind="router", order=order, task_index=str(task_index),
-                          source_run_id=run, sha256=router_sha)
-            router_version = int(found.version) if found is not None else _log_version(
-                router_model(pool_name), "router", router_artifacts, task_meta,
-                {**task_tags, "kind": "router", "sha256": router_sha},
+                         "blocks": len(staged.blocks)}
+            state_artifacts = {STATE: staged.state}
+            state_sha = content_hash(manifest(state_artifacts))
+            found = _find(client, state_model(pool_name), kind="state", order=order, task_index=str(task_index),
+                          source_run_id=run, sha256=state_sha, format=str(FORMAT))
+            state_version = int(found.version) if found is not None else _log_version(
+                state_model(pool_name), "state", state_artifacts, task_meta,
+                {**task_tags, "kind": "state", "sha256": state_sha},
                 experiment_id=experiment_id, source_run_id=source_run_id, work=work)
 
             # The commit point: one request creates the version with every tag.
-            made_of = {"router_version": router_version, "block_versions": block_versions}
+            made_of = {"state_version": state_version, "block_versions": block_versions}
             pool_version = _log_version(
                 pool_name, "pool", pool_artifacts, {**task_meta, "made_of": made_of},
-                {**task_tags, "kind": "pool", "sha256": pool_sha, "router_version": str(router_version),
+                {**task_tags, "kind": "pool", "sha256": pool_sha, "state_version": str(state_version),
                  "block_versions": json.dumps(block_versions)},
                 experiment_id=experiment_id, source_run_id=source_run_id, work=work)
     _set_aliases(client, pool_name, pool_version, task_index)
-    return PoolVersion(pool_name, task_index, pool_version, router_version, tuple(block_versions), created=True)
+    return PoolVersion(pool_name, task_index, pool_version, state_version, tuple(block_versions), created=True)
 
 
 def _set_aliases(client: MlflowClient, pool_name: str, version: int, task_index: int) -> None:

@@ -1,11 +1,11 @@
-"""Finding SAPT entries in the registry, shared by registering and reading: the tag that marks a
-SAPT registered model, and every version of a model, oldest first."""
+"""Finding sapt entries in the registry, shared by registering and reading: the tag that marks a
+sapt registered model, and every version of a model, oldest first."""
 
 from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-REGISTRY_TAG = "sapt_registry"  # registered-model tag: pool | blocks | router
+REGISTRY_TAG = "sapt_registry"  # registered-model tag: pool | blocks | state
 
 
 def model_versions(client: MlflowClient, name: str) -> list:

@@ -14,11 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sapt.errors import SaptError
 from sapt.registry import pool_store
-
-POOL_METHODS = pool_store.METHODS  # methods whose state is a pool of blocks and a router
-
 
 @dataclass(frozen=True)
 class ResumePoint:
@@ -44,18 +40,9 @@ def default_pool_name(method: str, order: str | list[str], names: list[str]) -> 
     return f"{method}-{label}"
 
 
-def wants_registration(method: str, register_pool: bool | None) -> bool:
-    """``mlflow.register_pool``: null means yes for methods with a pool.
-
-    Raises:
-        SaptError: ``true`` for a method that has no pool to register.
-    """
-    if register_pool is None:
-        return method in POOL_METHODS
-    if register_pool and method not in POOL_METHODS:
-        raise SaptError(f"method {method!r} has no adapter pool to register (only {', '.join(POOL_METHODS)})",
-                        source="config", field="mlflow.register_pool")
-    return register_pool
+def wants_registration(register_pool: bool | None) -> bool:
+    """``mlflow.register_pool``: null means yes (every method registers its finished model)."""
+    return True if register_pool is None else register_pool
 
 
 @dataclass(frozen=True)
@@ -66,7 +53,8 @@ class SequencePool:
         tracking_uri: the MLflow store (its model registry too).
         name: the pool's registered-model name.
         order: the task names, in order.
-        method, method_args: the method and its knobs, as configured.
+        method, method_args: the method and its knobs, every value (defaults included).
+        pet: the run's ``pet`` section.
         backbone_spec, backbone_identity: the backbone by spec, and what it must load as.
         backbone_args: extra ``load_backbone`` keywords (embedded:minilm-t5's data_dir and exclusions).
         benchmark: a label for the data (``embedded`` or the data folder's name).
@@ -78,6 +66,7 @@ class SequencePool:
     order: list[str]
     method: str
     method_args: dict[str, Any]
+    pet: dict[str, Any]
     backbone_spec: str
     backbone_identity: str
     backbone_args: dict[str, Any]
@@ -87,7 +76,7 @@ class SequencePool:
     @classmethod
     def for_run(cls, run, tracking_uri: str, names: list[str], backbone_identity: str) -> "SequencePool | None":
         """The pool a run registers into, or None when it registers nothing (``mlflow.register_pool``)."""
-        if not wants_registration(run.method, run.mlflow.register_pool):
+        if not wants_registration(run.mlflow.register_pool):
             return None
         return cls(
             tracking_uri=tracking_uri,
@@ -95,6 +84,7 @@ class SequencePool:
             order=list(names),
             method=run.method,
             method_args=dict(run.method_args),
+            pet=run.pet.model_dump(mode="json"),
             backbone_spec=run.backbone,
             backbone_identity=backbone_identity,
             backbone_args={"data_dir": run.data_dir or None, "exclude_tasks": list(names)},
@@ -102,11 +92,16 @@ class SequencePool:
             generation=pool_store.Generation.from_run(run),
         )
 
-    def register(self, state_dir: Path, task_index: int, metrics: dict[str, float | None],
+    def register(self, state_dir: Path, files, task_index: int, metrics: dict[str, float | None],
                  run_id: str) -> pool_store.PoolVersion:
-        """Registers task ``task_index`` from the state folder saved after it (idempotent per run)."""
+        """Registers task ``task_index`` from the state folder saved after it (idempotent per run).
+
+        Args:
+            files: the method's ``StateFiles`` of that folder (``Method.finished_files``).
+        """
         return pool_store.register_task(
-            self.tracking_uri, pool_name=self.name, state_dir=state_dir, task_index=task_index,
+            self.tracking_uri, pool_name=self.name, state_dir=state_dir, blocks=files.blocks, shared=files.shared,
+            task_index=task_index, pet=self.pet,
             task_names=self.order, method=self.method, method_args=self.method_args,
             backbone_spec=self.backbone_spec, backbone_identity=self.backbone_identity,
             benchmark=self.benchmark, metrics=metrics, source_run_id=run_id, generation=self.generation,

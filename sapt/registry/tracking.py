@@ -162,6 +162,9 @@ class SequenceTracker:
                 entities.append(mlflow.entities.Metric("train_loss", loss, 0, step))
                 step += 1
             entities.append(mlflow.entities.Metric("tokens_per_second", epoch["tokens_per_second"], 0, epoch["epoch"]))
+            if epoch.get("items"):  # all workers' items: the share of remembered (replayed) ones
+                entities.append(mlflow.entities.Metric("train_memory_share", epoch["memory_items"] / epoch["items"],
+                                                       0, epoch["epoch"]))
             for term, value in epoch.get("terms", {}).items():  # e.g. ARM's KL, per epoch
                 entities.append(mlflow.entities.Metric(f"train_{term}", value, 0, epoch["epoch"]))
         for start in range(0, len(entities), 900):  # log_batch takes at most 1000 metrics

@@ -1,9 +1,13 @@
-"""DeepSpeed engine set-up for a PET model: config dict, client optimizer, no JIT-compiled ops.
+"""DeepSpeed engine set-up for a PET model: config dict, client optimizer, no JIT-compiled ops; gathering
+ZeRO-3 partitioned parameters to save them.
 
 The caller picks the accelerator (``DS_ACCELERATOR``) before this module is imported.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import deepspeed
 import torch
@@ -40,3 +44,22 @@ def build_engine(model: nn.Module, train, *, use_bf16: bool, param_groups: list[
         model=model, optimizer=optimizer, config=deepspeed_config(train, use_bf16=use_bf16)
     )
     return engine
+
+
+@contextlib.contextmanager
+def whole_trainable(engine, zero_stage: int) -> Iterator[None]:
+    """Holds the engine's trainable parameters whole for the duration, e.g. to save them.
+
+    Under ZeRO-3 parameters are partitioned across ranks: gather the trainable ones (every rank must
+    enter); other stages keep them whole already.
+
+    Args:
+        engine: a DeepSpeed engine from ``build_engine``.
+        zero_stage: the run's ``train.zero_stage``.
+    """
+    if zero_stage != 3:
+        yield
+        return
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        yield

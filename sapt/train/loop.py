@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sapt.methods.base import MEMORY_KEY
+
 
 @dataclass
 class EpochStats:
     steps: int = 0
     tokens: int = 0
+    items: int = 0  # training items seen
+    memory_items: int = 0  # of which remembered items of earlier tasks (replay)
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     terms: dict[str, list[float]] = field(default_factory=dict)  # the method's extra loss terms
@@ -61,6 +65,9 @@ def train_epoch(
         stats.steps += 1
         # Tokens the model actually reads and predicts, padding excluded.
         stats.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
+        stats.items += int(batch["input_ids"].shape[0])
+        if MEMORY_KEY in batch:
+            stats.memory_items += int(batch[MEMORY_KEY].sum())
         value = float(loss.detach())
         stats.losses.append(value)
         for key, term in extra.items():

@@ -7,9 +7,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from sapt.config import RunConfig, load_config, validate
+from sapt.config import RunConfig, load_config, set_dotted, validate
 from sapt.errors import SaptError
-from sapt.methods import build_method
 from sapt.tuning.space import SearchSpace
 
 
@@ -20,8 +19,7 @@ def base_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> dic
     Raises:
         SaptError: what ``load_config`` or the method's own argument check rejects.
     """
-    run = load_config(source, overrides)
-    build_method(run.method, run.method_args, run.pet)
+    run = load_config(source, overrides)  # method_args checked there too
     raw = run.model_dump(mode="json")
     for key in ("data_dir", "single_results"):
         if raw[key]:
@@ -41,14 +39,7 @@ def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of ``raw`` with each dotted key of ``values`` set, as ``--set KEY=VALUE`` would."""
     out = copy.deepcopy(raw)
     for key, value in values.items():
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SaptError(f"{part!r} is not a mapping", source=key)
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, key, value)
     return out
 
 
@@ -61,8 +52,7 @@ def check_space(space: SearchSpace, base: dict[str, Any]) -> None:
     for dim in space.dimensions:
         for value in dim.extremes():
             try:
-                run = validate(with_values(base, {dim.key: value}))
-                build_method(run.method, run.method_args, run.pet)
+                validate(with_values(base, {dim.key: value}))
             except SaptError as err:
                 raise SaptError(f"{dim.kind} value {value!r} does not fit method {base['method']} ({err})",
                                 source=space.source, field=dim.key) from None

@@ -1,5 +1,6 @@
-"""A sweep: one Ray Tune Tuner per task order (Optuna search, ASHA stopping between tasks), each trial a
-whole sequence scored on validation; then the best config per order and summary.json.
+"""A sweep: one Ray Tune Tuner per task order (Optuna search, ASHA stopping between tasks; the Tune calls
+are in sapt.cluster.tune), each trial a whole sequence scored on validation; then the best config per
+order and summary.json.
 
 Folder layout (``runs/sweeps/NAME`` by default)::
 
@@ -22,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray import tune
 
+from sapt.cluster.tune import start_ray, tune_order
 from sapt.config import preset_names
 from sapt.data.loading import load_tasks
 from sapt.errors import SaptError
 from sapt.tuning import summary, tracking
 from sapt.tuning.configs import base_config, check_space
-from sapt.tuning.space import INT_KINDS, SearchSpace, load_space
+from sapt.tuning.space import load_space
 from sapt.tuning.trial import METRIC, TIME_ATTR, TrialSetup, run_trial
 
 log = logging.getLogger("sapt.sweep")
@@ -37,8 +38,6 @@ log = logging.getLogger("sapt.sweep")
 RECORD_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
 SPACES_DIR = "tuning"
-# ASHA keeps the best 1/REDUCTION of the trials at each task count it compares them at.
-REDUCTION = 2
 
 
 @dataclass
@@ -93,13 +92,16 @@ def run_sweep(request: SweepRequest) -> dict[str, Path]:
              record["samples"], name, uri)
     started = time.perf_counter()
     outcome: dict[str, dict] = {}
-    stopper = _start_ray(base, record["concurrent"])
+    stopper = start_ray(base, record["concurrent"])
     try:
         for label, (order, names) in orders.items():
             setup = TrialSetup(sweep=name, label=label, order=order, num_tasks=len(names), base=base,
                                trials_dir=str(folder / "trials" / label), tracking_uri=uri)
             tracking.close_unfinished(uri, experiment_id, name, label)  # left by an interrupted sweep
-            results = _tune_order(setup, space, names, folder, record)
+            results = tune_order(run_trial, setup, dimensions=space.dimensions, storage=folder / "tune",
+                                 label=label, tasks=names, samples=record["samples"],
+                                 concurrent=record["concurrent"], seed=record["seed"], metric=METRIC,
+                                 time_attr=TIME_ATTR)
             records = summary.trial_records(results, len(names), tracking.trial_runs(uri, experiment_id, name, label))
             tracking.mark_stopped(uri, [r["mlflow_run_id"] for r in records
                                         if r["status"] == "stopped" and r["mlflow_run_id"]])
@@ -137,92 +139,6 @@ def _write_outputs(folder: Path, record: dict, base: dict, outcome: dict[str, di
         raise SaptError(f"no trial completed every task of order(s) {', '.join(missing)}; see the trials' "
                         "errors there", source=str(folder / SUMMARY_FILE))
     return best_paths
-
-
-def _tune_order(setup: TrialSetup, space: SearchSpace, names: list[str], folder: Path, record: dict):
-    """One Tuner over one order, new or restored from ``tune/<label>``; returns its ResultGrid."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    trainable = tune.with_parameters(run_trial, setup=setup)
-    path = folder / "tune" / setup.label
-    if tune.Tuner.can_restore(str(path)):
-        log.info("%s: resuming the Tune experiment in %s (finished trials are kept)", setup.label, path)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        log.info("%s: %d trials over %s", setup.label, record["samples"], " -> ".join(names))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_domains(space),
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", num_samples=record["samples"],
-                max_concurrent_trials=record["concurrent"],
-                search_alg=OptunaSearch(seed=record["seed"]),
-                # Early stopping between tasks: a trial behind the others after the same number of
-                # tasks ends there (ecosystem.md 1.4: one trial is a whole order, reports per task).
-                scheduler=ASHAScheduler(time_attr=TIME_ATTR, max_t=len(names), grace_period=1,
-                                        reduction_factor=REDUCTION),
-                trial_dirname_creator=_trial_dirname,
-                reuse_actors=True,  # the next trial's driver skips importing torch, transformers, DeepSpeed
-            ),
-            run_config=tune.RunConfig(name=setup.label, storage_path=str(folder / "tune"), verbose=0,
-                                      callbacks=[_ProgressLog(setup.label)]),
-        )
-    return tuner.fit()
-
-
-def _domains(space: SearchSpace) -> dict[str, Any]:
-    """The space as Tune domains (OptunaSearch turns them into Optuna distributions)."""
-    domains: dict[str, Any] = {}
-    for dim in space.dimensions:
-        if dim.kind == "choice":
-            domains[dim.key] = tune.choice(list(dim.values))
-        elif dim.kind in INT_KINDS:  # Tune's integer upper bound is exclusive; ours is inclusive
-            low, high = dim.values
-            domains[dim.key] = (tune.lograndint if dim.kind == "lograndint" else tune.randint)(low, high + 1)
-        else:
-            domains[dim.key] = getattr(tune, dim.kind)(*dim.values)
-    return domains
-
-
-def _trial_dirname(trial) -> str:
-    return trial.trial_id
-
-
-class _ProgressLog(tune.Callback):
-    """Trial progress as log lines on stderr (Tune's own tables are off: stdout stays machine-readable)."""
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        log.info("%s %s: after task %s, validation AP %.2f (%s)", self.label, trial.trial_id, result.get(TIME_ATTR),
-                 result.get(METRIC, float("nan")), _values(trial.config))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        log.info("%s %s: ended", self.label, trial.trial_id)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        log.warning("%s %s: failed (see %s/error.txt)", self.label, trial.trial_id, trial.path)
-
-
-def _values(config: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
-
-
-def _start_ray(base: dict, concurrent: int):
-    """A Ray big enough for ``concurrent`` trials: each needs 1 CPU for its driver plus its Train workers;
-    ensure_ray adds room for Ray Data. Returns the function that shuts down what was started here."""
-    import ray
-
-    from sapt.cluster.session import ensure_ray
-
-    if ray.is_initialized():
-        return lambda: None
-    per_trial = 1 + base["num_workers"] * base["ray"]["cpus_per_worker"]
-    ensure_ray(base["ray"]["address"], num_workers=concurrent, cpus_per_worker=per_trial,
-               use_gpu=base["ray"]["use_gpu"])
-    return ray.shutdown
 
 
 def _start_or_resume(folder: Path, record: dict, insist: bool) -> dict:

@@ -1,14 +1,14 @@
 """One Tune trial, the Ray Train V2 pattern (ecosystem.md 1.4): a plain driver function that runs a whole
 order through ``run_sequence`` (one TorchTrainer fit per task, inside the trial) and reports the
-validation metrics to Tune after each task, so ASHA can stop a trial between tasks."""
+validation metrics after each task, so ASHA can stop a trial between tasks. sapt.cluster.tune calls it
+with the trial's id and Tune's report; nothing here imports Ray."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from ray import tune
 
 from sapt.tuning.configs import trial_config
 
@@ -47,29 +47,36 @@ def trial_tags(setup: TrialSetup, trial_id: str) -> dict[str, str]:
     return {"sapt.sweep": setup.sweep, "sapt.order": setup.label, "sapt.trial": trial_id}
 
 
-def run_trial(values: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trainable: ``values`` are the sampled config keys (``method_args.kl_weight``: 0.7, ...)."""
+def run_trial(values: dict[str, Any], setup: TrialSetup, *, trial_id: str,
+              report: Callable[[dict[str, float | int]], None]) -> None:
+    """The trial's driver: the order's sequence with the sampled values, reported after each task.
+
+    Args:
+        values: the sampled config keys (``method_args.kl_weight``: 0.7, ...).
+        setup: what every trial of the order shares.
+        trial_id: Tune's id of this trial (its folder and MLflow tag).
+        report: hands Tune one result (``tune.report``); ASHA may end the trial inside it.
+    """
     from sapt.runner import run_sequence  # heavy (torch, transformers): only in the trial's process
 
-    trial_id = tune.get_context().get_trial_id()
     run = trial_config(setup.base, values, order=setup.order, output_dir=Path(setup.trials_dir) / trial_id,
                        tracking_uri=setup.tracking_uri, experiment=setup.sweep)
 
     last: list[tuple[int, dict]] = []
 
-    def report(row: int, metrics: dict[str, float | None]) -> None:
+    def on_stage(row: int, metrics: dict[str, float | None]) -> None:
         if row + 1 == setup.num_tasks:
             last.append((row, metrics))  # reported once run_sequence has finished (below)
             return
         # ASHA may stop the trial here: Tune then ends this thread with SystemExit, run_sequence marks the
         # MLflow run failed, and the sweep re-marks it KILLED (summary status "stopped").
-        tune.report(_reported(row, metrics))
+        report(_reported(row, metrics))
 
-    run_sequence(run, on_stage=report, run_tags=trial_tags(setup, trial_id))
+    run_sequence(run, on_stage=on_stage, run_tags=trial_tags(setup, trial_id))
     for row, metrics in last:
         # After the last task, Tune stops the trial at its report (ASHA's max_t): report only once the
         # sequence has written results.json and closed its MLflow run.
-        tune.report(_reported(row, metrics))
+        report(_reported(row, metrics))
 
 
 def _reported(row: int, metrics: dict[str, float | None]) -> dict[str, float | int]:

@@ -1,0 +1,336 @@
+"""Every continual-learning method on one benchmark and budget, one table like the SAPT paper's Table 1.
+
+    python benchmarks/compare_methods.py [--config demo] [--set KEY=VALUE ...] [--methods a,b,...] [--seeds 1,2]
+        [--output runs/compare] [--tracking-uri URI]
+
+Each method-seed is a real `run_sequence` (Ray Train workers, DeepSpeed, MLflow) with the same config,
+`--set` overrides and seed; only the method changes, so the differences are the method's. The FWT
+reference (the method whose stages are all single-task references, `single`) runs first and every
+other method measures FWT against it. Prints a markdown table of AP / F.Ra / FWT / BWT / routing or
+selection accuracy / wall time (mean +- std over seeds), writes OUTPUT/compare.md and OUTPUT/compare.json
+(every accuracy matrix), and logs a "compare-methods" MLflow run. A method-seed whose results.json
+exists with the same config is kept, not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sapt.config import RunConfig, load_config
+from sapt.errors import SaptError
+from sapt.evaluation.metrics import cl_metrics
+from sapt.methods import METHODS, build_method
+
+METRICS = ("AP", "F.Ra", "FWT", "BWT")
+CONFIG_FILE = "compare-config.json"  # beside results.json: the config that produced it (for resuming)
+PROBE_TASKS = 3  # a method's stage layout does not depend on the number of tasks: probe it with a few
+# Config keys that do not change what a run learns (the runner's resumable keys) plus the FWT
+# reference's path, which only affects FWT and is recomputed here anyway.
+UNCOMPARED = ("ray.", "mlflow.", "output_dir", "data_dir", "eval.batch_size", "single_results")
+
+
+def reference_kinds(run: RunConfig) -> dict[str, str]:
+    """Which methods are references, found from their stages, not their names.
+
+    Returns:
+        ``{method: "fwt"}`` for methods whose stages are all single-task references (FWT's baseline)
+        and ``{method: "joint"}`` for methods with one stage training every task at once (the upper bound).
+    """
+    kinds: dict[str, str] = {}
+    for name in METHODS:
+        stages = build_method(name, {}, run.pet).stages(PROBE_TASKS)
+        if stages and all(s.reference for s in stages):
+            kinds[name] = "fwt"
+        elif len(stages) == 1 and len(stages[0].train_tasks) == PROBE_TASKS:
+            kinds[name] = "joint"
+    return kinds
+
+
+def method_overrides(name: str, sets: list[str]) -> list[str]:
+    """The ``--set`` overrides for one method: all of them, less the ``method_args`` keys its Config lacks.
+
+    That way one ``--set method_args.generator_steps=50`` shortens the generators of every method that
+    has them and leaves the others alone; a key no method knows is still an error (a typo).
+    """
+    fields = METHODS[name].Config.model_fields
+    kept = []
+    for assignment in sets:
+        key, _, value = assignment.partition("=")
+        if key == "method_args":  # a whole mapping: split it into one assignment per key
+            parsed = yaml.safe_load(value) or {}
+            if not isinstance(parsed, dict):
+                raise SaptError("must be a mapping", source=f"--set {assignment}")
+            kept += [f"method_args.{k}={json.dumps(v)}" for k, v in parsed.items() if k in fields]
+        elif key.startswith("method_args."):
+            if key.split(".")[1] in fields:
+                kept.append(assignment)
+        else:
+            kept.append(assignment)
+    return kept
+
+
+def check_method_args(sets: list[str]) -> None:
+    """Raises SaptError for a ``method_args`` key that no method accepts."""
+    known = {f for cls in METHODS.values() for f in cls.Config.model_fields}
+    for assignment in sets:
+        key, _, value = assignment.partition("=")
+        keys = [key.split(".")[1]] if key.startswith("method_args.") else []
+        if key == "method_args":
+            parsed = yaml.safe_load(value) or {}
+            keys = list(parsed) if isinstance(parsed, dict) else []
+        for k in keys:
+            if k not in known:
+                raise SaptError("no method has this key", source=f"--set {assignment}", field=f"method_args.{k}")
+
+
+def run_config(args: argparse.Namespace, name: str, seed: int, single: Path | None, tracking_uri: str) -> RunConfig:
+    """The config of one method-seed: the shared config and budget, this method with default
+    ``method_args`` (the config file's belong to its own method), its own output folder, no pool."""
+    sets = [
+        f"method={name}",
+        "method_args={}",
+        f"mlflow.tracking_uri={tracking_uri}",  # every run in the comparison's store; a --set may move them
+        *method_overrides(name, args.set),
+        f"seed={seed}",
+        f"output_dir={run_dir(args.output, name, seed)}",
+        f"single_results={single or ''}",
+        "mlflow.register_pool=false",  # a comparison registers nothing
+    ]
+    return load_config(args.config, sets)
+
+
+def run_dir(output: Path, name: str, seed: int) -> Path:
+    return output / name / f"seed{seed}"
+
+
+def _compared(run: RunConfig) -> dict[str, str]:
+    """The run's config as flat ``key -> JSON value``, less the keys that do not change results."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and not prefix.startswith("method_args"):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif not prefix.startswith(UNCOMPARED):
+            flat[prefix] = json.dumps(value, sort_keys=True)
+
+    walk("", run.model_dump(mode="json"))
+    return flat
+
+
+def kept_results(run: RunConfig) -> tuple[Path | None, str]:
+    """results.json of an earlier run of this exact config, or None and why it cannot be kept."""
+    folder = Path(run.output_dir)
+    results, saved = folder / "results.json", folder / CONFIG_FILE
+    if not results.exists():
+        return None, ""
+    if not saved.exists():
+        return None, f"{results} has no {CONFIG_FILE}"
+    before, now = json.loads(saved.read_text()), _compared(run)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        return None, "config changed: " + ", ".join(changed[:4])
+    return results, ""
+
+
+def progress(message: str) -> None:
+    print(f"compare: {message}", file=sys.stderr, flush=True)
+
+
+def run_all(args: argparse.Namespace, names: list[str], seeds: list[int], fwt_reference: str | None,
+            tracking_uri: str, tags: dict[str, str]) -> dict[str, dict[int, dict]]:
+    """Runs (or keeps) every method-seed, the FWT reference first. Returns method -> seed -> results."""
+    from sapt.runner import run_sequence
+
+    # Every config first: a bad --set fails before hours of training, not after.
+    planned = []
+    for seed in seeds:
+        single = None
+        if fwt_reference is not None:
+            single = (run_dir(args.output, fwt_reference, seed) / "results.json").resolve()
+        for name in names:
+            planned.append((name, seed, run_config(args, name, seed, None if name == fwt_reference else single,
+                                                   tracking_uri)))
+        if fwt_reference is not None and fwt_reference not in names:
+            # Not asked for: FWT still works from an earlier run of the reference with this config.
+            reference_run = run_config(args, fwt_reference, seed, None, tracking_uri)
+            if kept_results(reference_run)[0] is None:
+                progress(f"no {fwt_reference} run of seed {seed} in {args.output}: FWT stays empty")
+                planned = [(n, s, r.model_copy(update={"single_results": ""}) if s == seed else r)
+                           for n, s, r in planned]
+    results: dict[str, dict[int, dict]] = {name: {} for name in names}
+    for number, (name, seed, run) in enumerate(planned, start=1):
+        label = f"[{number}/{len(planned)}] {name} seed {seed}"
+        path, why = kept_results(run)
+        if path is not None:
+            progress(f"{label}: kept ({path})")
+        else:
+            if why:
+                progress(f"{label}: rerunning ({why})")
+                (Path(run.output_dir) / "results.json").unlink(missing_ok=True)
+            progress(f"{label}: started in {run.output_dir}")
+            started = time.perf_counter()
+            path = run_sequence(run, run_tags=tags)
+            (Path(run.output_dir) / CONFIG_FILE).write_text(json.dumps(_compared(run), indent=1))
+            metrics = json.loads(path.read_text())["metrics"]
+            progress(f"{label}: finished in {time.perf_counter() - started:.0f}s; "
+                     + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in metrics.items()))
+        results[name][seed] = {**json.loads(path.read_text()), "results_path": str(path)}
+    if fwt_reference is not None and fwt_reference not in names:
+        for seed in seeds:
+            path = kept_results(run_config(args, fwt_reference, seed, None, tracking_uri))[0]
+            if path is not None:
+                results.setdefault(fwt_reference, {})[seed] = {**json.loads(path.read_text()), "results_path": str(path)}
+    return results
+
+
+def summarise(results: dict[str, dict[int, dict]], kinds: dict[str, str], fwt_reference: str | None) -> dict:
+    """Per method: its metrics per seed (recomputed against that seed's FWT reference) and mean/std."""
+    singles = {seed: r["single"] for seed, r in results.get(fwt_reference, {}).items()} if fwt_reference else {}
+    summary = {}
+    for name, runs in results.items():
+        per_seed = {}
+        for seed, r in runs.items():
+            metrics = cl_metrics(r["matrix"], singles.get(seed) or r.get("single"))
+            if kinds.get(name) == "fwt" and r.get("single"):
+                # A reference's last row is not one model: its AP is the mean of its per-task scores.
+                metrics["AP"] = statistics.fmean(r["single"])
+            per_seed[seed] = {**metrics, "routing": r.get("routing_accuracy"), "seconds": r.get("seconds")}
+        columns = {}
+        for column in (*METRICS, "routing", "seconds"):
+            values = [m[column] for m in per_seed.values() if m[column] is not None]
+            columns[column] = {"mean": statistics.fmean(values) if values else None,
+                               "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+        summary[name] = {"reference": kinds.get(name), "per_seed": per_seed, "columns": columns}
+    return summary
+
+
+def cell(column: dict, digits: int = 1) -> str:
+    if column["mean"] is None:
+        return "-"
+    text = f"{column['mean']:.{digits}f}"
+    return text if column["std"] is None else f"{text} +- {column['std']:.{digits}f}"
+
+
+def markdown(summary: dict, heading: str, fwt_reference: str | None) -> str:
+    """The table: compared methods in the order given, then the references (marked)."""
+    rows = [n for n, s in summary.items() if not s["reference"]] + [n for n, s in summary.items() if s["reference"]]
+    lines = [heading, "",
+             "| method | AP | F.Ra | FWT | BWT | routing / selection acc. | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in rows:
+        s = summary[name]
+        label = {"fwt": f"{name} (reference: FWT)", "joint": f"{name} (reference: joint)"}.get(s["reference"], name)
+        c = s["columns"]
+        lines.append(f"| {label} | " + " | ".join(cell(c[m]) for m in METRICS)
+                     + f" | {cell(c['routing'])} | {cell(c['seconds'], 0)} |")
+    lines += ["", "Mean +- std over seeds (one seed: the value). FWT is against "
+              + (f"`{fwt_reference}`, each task's single-task score" if fwt_reference else "nothing (no reference)")
+              + "; the FWT reference's AP is the mean of its single-task scores. '-': not defined for the method."]
+    return "\n".join(lines) + "\n"
+
+
+def log_to_mlflow(tracking_uri: str, experiment: str, summary: dict, files: list[Path], params: dict[str, str],
+                  tags: dict[str, str]) -> str:
+    """One "compare-methods" run: each method's means as METHOD.AP etc., the table and JSON as artifacts."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name="compare-methods", tags=tags)
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = []
+    for name, s in summary.items():
+        for column, value in s["columns"].items():
+            key = {"routing": "routing_accuracy"}.get(column, column)
+            if value["mean"] is not None:
+                metrics.append(Metric(f"{name}.{key}", value["mean"], now, 0))
+            if value["std"] is not None:
+                metrics.append(Metric(f"{name}.{key}_std", value["std"], now, 0))
+    client.log_batch(run_id, metrics=metrics, params=[Param(k, v[:6000]) for k, v in params.items()])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def ensure_experiment(tracking_uri: str, experiment: str, output: Path) -> None:
+    """Creates the experiment up front so that every run's artifacts land in OUTPUT/mlartifacts
+    (otherwise the first run's folder would hold everyone's)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if tracking_uri.startswith("sqlite:") and client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=(output / "mlartifacts").resolve().as_uri())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo", help="a preset name or a YAML file")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every method (the budget)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default: every method")
+    parser.add_argument("--seeds", default="", help="comma-separated; default: the config's seed")
+    parser.add_argument("--output", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--tracking-uri", default="", help="default: sqlite:///OUTPUT/mlflow.db")
+    args = parser.parse_args()
+    logging.basicConfig(level=os.environ.get("SAPT_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    names = [n for n in args.methods.split(",") if n]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    try:
+        check_method_args(args.set)
+        base = load_config(args.config, [*method_overrides(names[0], args.set), "method_args={}",
+                                         f"method={names[0]}"])
+        seeds = [int(s) for s in args.seeds.split(",") if s] or [base.seed]
+        kinds = reference_kinds(base)
+        fwt_reference = next((n for n, k in kinds.items() if k == "fwt"), None)
+        names.sort(key=lambda n: n != fwt_reference)  # the FWT reference first; the rest keep their order
+        tracking_uri = args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
+        args.output.mkdir(parents=True, exist_ok=True)
+        ensure_experiment(tracking_uri, base.mlflow.experiment, args.output)
+        tags = {"sapt.compare": str(args.output.resolve())}  # on every run of the comparison
+        results = run_all(args, names, seeds, fwt_reference, tracking_uri, tags)
+    except SaptError as err:
+        raise SystemExit(f"compare_methods: error: {err}") from None
+    from sapt.cluster.session import shutdown_ray
+
+    shutdown_ray()  # flush forwarded worker logs before the table
+    summary = summarise(results, kinds, fwt_reference)
+    order = next(iter(next(iter(results.values())).values()))["order"]
+    heading = (f"Methods compared on `{args.config}` ({len(order)} tasks: {', '.join(order)}; backbone "
+               f"{base.backbone}), seeds {', '.join(map(str, seeds))}; overrides: "
+               f"{' '.join(args.set) or 'none'}")
+    table = markdown(summary, heading, fwt_reference)
+    md, js = args.output / "compare.md", args.output / "compare.json"
+    md.write_text(table)
+    js.write_text(json.dumps({
+        "config": args.config, "overrides": args.set, "seeds": seeds, "order": order, "backbone": base.backbone,
+        "fwt_reference": fwt_reference, "summary": summary,
+        "runs": {n: {str(seed): {k: r.get(k) for k in ("matrix", "single", "metrics", "routing_accuracy",
+                                                       "seconds", "mlflow", "results_path")}
+                     for seed, r in runs.items()} for n, runs in results.items()},
+    }, indent=2))
+    run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
+                           {"config": args.config, "overrides": json.dumps(args.set), "methods": ",".join(names),
+                            "seeds": ",".join(map(str, seeds)), "order": json.dumps(order)}, tags)
+    print(table)
+    print(f"MLflow: run {run_id} (compare-methods) in {tracking_uri}", file=sys.stderr)
+    print(md.resolve())
+
+
+if __name__ == "__main__":
+    main()
