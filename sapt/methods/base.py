@@ -11,6 +11,7 @@ useful, a preset and a search space under ``tuning/``.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,29 @@ from sapt.backbones.types import Backbone
 TASK_KEY = "task"  # (B,) long: the item's task index in the order
 MEMORY_KEY = "memory"  # (B,) bool: True for a remembered item of an earlier task (replay)
 META_KEYS = (TASK_KEY, MEMORY_KEY)
+
+
+def read_state_file(path: Path, method: str, count_key: str) -> dict:
+    """A method's state JSON (``{"method": ..., count_key: int, ...}``), checked to be ``method``'s.
+
+    Raises:
+        SaptError: the file is missing or belongs to another method.
+    """
+    from sapt.errors import SaptError
+
+    if not path.is_file():
+        raise SaptError(f"not a {method} state folder", source=str(path))
+    state = json.loads(path.read_text())
+    if state.get("method") != method or not isinstance(state.get(count_key), int):
+        raise SaptError(f"state of method {state.get('method')!r}, not {method!r}", source=str(path), field="method")
+    return state
+
+
+def frozen_for_inference(model: nn.Module) -> nn.Module:
+    """Nothing trainable, eval mode: what ``load_finished`` returns."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

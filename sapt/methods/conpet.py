@@ -35,7 +35,9 @@ from torch import nn
 
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
-from sapt.methods.base import MEMORY_KEY, TASK_KEY, MemorySpec, Method, Stage, StateFiles, model_inputs
+from sapt.methods.base import (
+    MEMORY_KEY, TASK_KEY, MemorySpec, Method, Stage, StateFiles, frozen_for_inference, model_inputs, read_state_file,
+)
 from sapt.methods.lora import SeqLora
 from sapt.pet import pool_files
 from sapt.pet.lora_pool import Routing, inject_lora_pool
@@ -43,12 +45,18 @@ from sapt.pet.selected_lora import SelectedLoraModel
 
 
 class ConpetStaticArgs(BaseModel):
-    """``method_args`` of conpet-static (defaults: the released code's EMR* settings)."""
+    """``method_args`` of conpet-static (defaults: the released code's EMR* settings): its dynamic replay."""
 
     model_config = ConfigDict(extra="forbid")
     memory_per_task: int | None = Field(None, ge=1, description="Items kept of each task; null: all (the full history).")
     old_share: float = Field(0.5, gt=0, lt=1, description="Share of each batch from memory (batch_new_old_ratio 1).")
     steps_per_epoch: int | None = Field(None, ge=1, description="Batches per epoch from task 2 on; null: one pass over the new task.")
+
+
+def _dynamic_replay(args: ConpetStaticArgs) -> MemorySpec:
+    """ConPET's replay: the full history (or a cap) of real items, balanced batches, a fixed budget."""
+    return MemorySpec(source="real", use="replay", fraction=1.0, per_task=args.memory_per_task, mix="balanced",
+                      old_share=args.old_share, steps_per_epoch=args.steps_per_epoch)
 
 
 class ConpetStatic(SeqLora):
@@ -58,9 +66,7 @@ class ConpetStatic(SeqLora):
     Config = ConpetStaticArgs
 
     def memory(self) -> MemorySpec:
-        a = self.args
-        return MemorySpec(source="real", use="replay", fraction=1.0, per_task=a.memory_per_task, mix="balanced",
-                          old_share=a.old_share, steps_per_epoch=a.steps_per_epoch)
+        return _dynamic_replay(self.args)
 
 
 SELECTOR_DIR = "selector"  # the selector's own LoRA (a PEFT adapter folder) and its task head
@@ -68,14 +74,11 @@ SELECTOR_ADAPTER, SELECTOR_HEAD = "selector/adapter", "selector/head.safetensors
 STATE_FILE = "conpet.json"
 
 
-class ConpetDynamicArgs(BaseModel):
-    """``method_args`` of conpet-dynamic (defaults: the released code's README runs)."""
+class ConpetDynamicArgs(ConpetStaticArgs):
+    """``method_args`` of conpet-dynamic (defaults: the released code's README runs): the same replay
+    (the selector's data), plus the selection."""
 
-    model_config = ConfigDict(extra="forbid")
     top_k: int = Field(1, ge=1, description="Experts the selector picks per input at test time (expert_topk).")
-    memory_per_task: int | None = Field(None, ge=1, description="Items kept of each task for the selector; null: all.")
-    old_share: float = Field(0.5, gt=0, lt=1, description="Share of each batch from memory (batch_new_old_ratio 1).")
-    steps_per_epoch: int | None = Field(None, ge=1, description="Batches per epoch from task 2 on; null: one pass over the new task.")
     selector_weight: float = Field(1.0, gt=0, description="Weight of the selector's cross-entropy beside the LM loss.")
 
 
@@ -106,9 +109,7 @@ class ConpetDynamic(Method):
     Config = ConpetDynamicArgs
 
     def memory(self) -> MemorySpec:
-        a = self.args
-        return MemorySpec(source="real", use="replay", fraction=1.0, per_task=a.memory_per_task, mix="balanced",
-                          old_share=a.old_share, steps_per_epoch=a.steps_per_epoch)
+        return _dynamic_replay(self.args)
 
     def _attach(self, backbone: Backbone, old_experts: int, state_dir: Path | None, seed: int) -> SelectedLoraModel:
         routing = Routing()
@@ -119,8 +120,7 @@ class ConpetDynamic(Method):
         )
         if old_experts:
             pool_files.load_lora_blocks(state_dir, old_experts, self._layers)
-            pool_files.load_into_slot(pool_files.read_lora_adapter(state_dir / SELECTOR_ADAPTER, self._layers),
-                                      self._layers, slot=1)
+            self._load_selector_lora(state_dir)
         dim = backbone.model.get_input_embeddings().weight.shape[1]
         head = nn.Linear(dim, old_experts + 1)
         with torch.no_grad():
@@ -133,6 +133,20 @@ class ConpetDynamic(Method):
                 head.bias[:old_experts] = saved["bias"][:old_experts]  # a new row keeps its fresh initialisation
         return SelectedLoraModel(backbone.model, routing, self._layers, head, top_k=self.args.top_k,
                                  is_encoder_decoder=backbone.is_encoder_decoder)
+
+    def _load_selector_lora(self, state_dir: Path) -> None:
+        pool_files.load_into_slot(pool_files.read_lora_adapter(state_dir / SELECTOR_ADAPTER, self._layers),
+                                  self._layers, slot=1)
+
+    @staticmethod
+    def _load_head(model: SelectedLoraModel, state_dir: Path, rows: int) -> None:
+        """The saved head, all ``rows`` rows (a head of another size is replaced)."""
+        saved = _read_head(state_dir, rows, model.head.in_features)
+        if model.head.out_features != rows:
+            model.head = nn.Linear(model.head.in_features, rows)
+        with torch.no_grad():
+            model.head.weight.copy_(saved["weight"])
+            model.head.bias.copy_(saved["bias"])
 
     def build(self, backbone: Backbone, state_dir: Path | None, stage: Stage) -> nn.Module:
         old = 0 if state_dir is None or stage.fresh else _read_state(state_dir, self.name)["experts"]
@@ -177,8 +191,7 @@ class ConpetDynamic(Method):
         if experts != task_index + 1:
             raise SaptError(f"{experts} experts, but task {task_index} (0-based) needs {task_index + 1}",
                             source=str(state_dir / STATE_FILE), field="experts")
-        return StateFiles(blocks=tuple(str(pool_files.block_dir(Path(), i)) for i in range(experts)),
-                          shared=(STATE_FILE, SELECTOR_DIR))
+        return StateFiles(blocks=pool_files.block_paths(experts), shared=(STATE_FILE, SELECTOR_DIR))
 
     def load_finished(self, backbone: Backbone, state_dir: Path) -> SelectedLoraModel:
         experts = _read_state(state_dir, self.name)["experts"]
@@ -186,40 +199,20 @@ class ConpetDynamic(Method):
             raise SaptError("state holds no expert", source=str(state_dir / STATE_FILE), field="experts")
         model = self._attach(backbone, experts - 1, state_dir, seed=0)
         pool_files.load_newest_lora_block(state_dir, experts - 1, self._layers, slot=0)
-        pool_files.load_into_slot(pool_files.read_lora_adapter(state_dir / SELECTOR_ADAPTER, self._layers),
-                                  self._layers, slot=1)
-        saved = _read_head(state_dir, experts, model.head.in_features)
-        with torch.no_grad():
-            model.head.weight.copy_(saved["weight"])
-            model.head.bias.copy_(saved["bias"])
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        return model.eval()
+        self._load_head(model, state_dir, experts)
+        return frozen_for_inference(model)
 
     def load_shared(self, backbone: Backbone, state_dir: Path, blocks: int) -> SelectedLoraModel:
         """The selector alone (its LoRA and head): the experts each input would be given."""
         experts = _read_state(state_dir, self.name)["experts"]
         model = self._attach(backbone, 0, None, seed=0)  # slot 0 stays an empty expert (B = 0)
-        pool_files.load_into_slot(pool_files.read_lora_adapter(state_dir / SELECTOR_ADAPTER, self._layers),
-                                  self._layers, slot=1)
-        saved = _read_head(state_dir, experts, model.head.in_features)
-        model.head = nn.Linear(model.head.in_features, experts)
-        with torch.no_grad():
-            model.head.weight.copy_(saved["weight"])
-            model.head.bias.copy_(saved["bias"])
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        return model.eval()
+        self._load_selector_lora(state_dir)
+        self._load_head(model, state_dir, experts)
+        return frozen_for_inference(model)
 
 
 def _read_state(state_dir: Path, method: str) -> dict:
-    path = state_dir / STATE_FILE
-    if not path.is_file():
-        raise SaptError(f"not a {method} state folder", source=str(path))
-    state = json.loads(path.read_text())
-    if state.get("method") != method or not isinstance(state.get("experts"), int):
-        raise SaptError(f"state of method {state.get('method')!r}, not {method!r}", source=str(path), field="method")
-    return state
+    return read_state_file(state_dir / STATE_FILE, method, "experts")
 
 
 def _read_head(state_dir: Path, rows: int, dim: int) -> dict[str, torch.Tensor]:

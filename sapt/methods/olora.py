@@ -31,7 +31,7 @@ from torch import nn
 
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
-from sapt.methods.base import Method, Stage, StateFiles, model_inputs
+from sapt.methods.base import Method, Stage, StateFiles, frozen_for_inference, model_inputs, read_state_file
 from sapt.pet import pool_files
 from sapt.pet.lora_pool import Routing, inject_lora_pool
 from sapt.pet.summed_lora import SummedLoraModel
@@ -99,8 +99,7 @@ class OLora(Method):
         if blocks != task_index + 1:
             raise SaptError(f"{blocks} blocks, but task {task_index} (0-based) needs {task_index + 1}",
                             source=str(state_dir / STATE_FILE), field="blocks")
-        return StateFiles(blocks=tuple(str(pool_files.block_dir(Path(), i)) for i in range(blocks)),
-                          shared=(STATE_FILE,))
+        return StateFiles(blocks=pool_files.block_paths(blocks), shared=(STATE_FILE,))
 
     def load_finished(self, backbone: Backbone, state_dir: Path) -> SummedLoraModel:
         blocks = _read_state(state_dir, self.name)["blocks"]
@@ -108,19 +107,11 @@ class OLora(Method):
             raise SaptError("state holds no block", source=str(state_dir / STATE_FILE), field="blocks")
         model = self._attach(backbone, blocks - 1, state_dir)  # the newest block goes to the "new" slot
         pool_files.load_newest_lora_block(state_dir, blocks - 1, self._layers)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        return model.eval()
+        return frozen_for_inference(model)
 
     def pooled_layers(self):
         return self._layers
 
 
 def _read_state(state_dir: Path, method: str) -> dict:
-    path = state_dir / STATE_FILE
-    if not path.is_file():
-        raise SaptError(f"not a {method} state folder", source=str(path))
-    state = json.loads(path.read_text())
-    if state.get("method") != method or not isinstance(state.get("blocks"), int):
-        raise SaptError(f"state of method {state.get('method')!r}, not {method!r}", source=str(path), field="method")
-    return state
+    return read_state_file(state_dir / STATE_FILE, method, "blocks")

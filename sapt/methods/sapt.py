@@ -278,8 +278,7 @@ class _Sapt(Method):
         shared = [pool_files.ROUTER_WEIGHTS, pool_files.ROUTER_CONFIG, STATE_FILE]
         if (state_dir / SELECTOR_DIR).is_dir():
             shared.append(SELECTOR_DIR)
-        return StateFiles(blocks=tuple(str(pool_files.block_dir(Path(), i)) for i in range(state["blocks"])),
-                          shared=tuple(shared))
+        return StateFiles(blocks=pool_files.block_paths(state["blocks"]), shared=tuple(shared))
 
     def load_shared(self, backbone: Backbone, state_dir: Path, blocks: int) -> RoutedModel:
         """The router (and the no-alignment selector) on the bare backbone: block weights only."""

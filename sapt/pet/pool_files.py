@@ -29,6 +29,11 @@ def block_dir(root: Path, index: int) -> Path:
     return root / BLOCKS_DIR / f"block-{index:03d}"
 
 
+def block_paths(count: int) -> tuple[str, ...]:
+    """The folders of blocks 0..count-1 relative to a state folder (``Method.finished_files``)."""
+    return tuple(str(block_dir(Path(), i)) for i in range(count))
+
+
 def save_lora_block(layers: dict[str, PooledLoraLinear], index: int, out_dir: Path, *, targets: list[str],
                     alpha: float, is_encoder_decoder: bool, base_model: str) -> None:
     """Writes block ``index`` of every pooled layer as one PEFT LoRA adapter folder."""
