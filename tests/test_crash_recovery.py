@@ -82,13 +82,11 @@ def _has_alias(db: Path, model: str, alias: str) -> bool:
     """Whether the run's registry already holds the alias, read without MLflow: an MlflowClient on a
     store the run is still creating would run MLflow's schema migration a second time beside the
     run's own, and the run would fail on the half-migrated tables."""
-    if not db.is_file():
-        return False
     try:
         with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as connection:
             rows = connection.execute("SELECT 1 FROM registered_model_aliases WHERE name = ? AND alias = ?",
                                       (model, alias)).fetchall()
-    except sqlite3.Error:  # not created yet, or locked by a writer: ask again
+    except sqlite3.Error:  # no file or table yet, or locked by a writer: ask again
         return False
     return bool(rows)
 
