@@ -1,10 +1,13 @@
 """Every continual-learning method on one benchmark and budget, one table like the SAPT paper's Table 1.
 
-    python benchmarks/compare_methods.py [--config demo] [--set KEY=VALUE ...] [--methods a,b,...] [--seeds 1,2]
-        [--output runs/compare] [--tracking-uri URI]
+    python benchmarks/compare_methods.py [--config demo] [--set KEY=VALUE ...] [--method-set METHOD:KEY=VALUE ...]
+        [--methods a,b,...] [--seeds 1,2] [--output runs/compare] [--tracking-uri URI]
 
 Each method-seed is a real `run_sequence` (Ray Train workers, DeepSpeed, MLflow) with the same config,
-`--set` overrides and seed; only the method changes, so the differences are the method's. The FWT
+`--set` overrides and seed; only the method changes, so the differences are the method's. Where a method
+needs its own value of a shared knob (SAPT-Prompt's soft prompts learn at a larger lr than LoRA, as in
+the paper's per-method settings), `--method-set METHOD:KEY=VALUE` applies to that method alone, after
+the `--set` values, and the table's heading lists it. The FWT
 reference (the method whose stages are all single-task references, `single`) runs first and every
 other method measures FWT against it. Prints a markdown table of AP / F.Ra / FWT / BWT / routing or
 selection accuracy / wall time (mean +- std over seeds), writes OUTPUT/compare.md and OUTPUT/compare.json
@@ -78,6 +81,23 @@ def method_overrides(name: str, sets: list[str]) -> list[str]:
     return kept
 
 
+def per_method_sets(entries: list[str]) -> dict[str, list[str]]:
+    """``--method-set METHOD:KEY=VALUE`` entries as method -> its ``KEY=VALUE`` overrides, in order.
+
+    Raises:
+        SaptError: an entry without ``METHOD:`` or ``=``, or a method not in ``METHODS``.
+    """
+    sets: dict[str, list[str]] = {}
+    for entry in entries:
+        method, colon, assignment = entry.partition(":")
+        if not colon or "=" not in assignment:
+            raise SaptError("expected METHOD:KEY=VALUE", source=f"--method-set {entry}")
+        if method not in METHODS:
+            raise SaptError(f"unknown method {method!r}; known: {', '.join(METHODS)}", source=f"--method-set {entry}")
+        sets.setdefault(method, []).append(assignment)
+    return sets
+
+
 def check_method_args(sets: list[str]) -> None:
     """Raises SaptError for a ``method_args`` key that no method accepts."""
     known = {f for cls in METHODS.values() for f in cls.Config.model_fields}
@@ -100,6 +120,7 @@ def run_config(args: argparse.Namespace, name: str, seed: int, single: Path | No
         "method_args={}",
         f"mlflow.tracking_uri={tracking_uri}",  # every run in the comparison's store; a --set may move them
         *method_overrides(name, args.set),
+        *per_method_sets(args.method_set).get(name, []),  # this method's own values win
         f"seed={seed}",
         f"output_dir={run_dir(args.output, name, seed)}",
         f"single_results={single or ''}",
@@ -280,6 +301,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo", help="a preset name or a YAML file")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every method (the budget)")
+    parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="KEY=VALUE for METHOD only, applied after --set")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default: every method")
     parser.add_argument("--seeds", default="", help="comma-separated; default: the config's seed")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
@@ -293,6 +316,7 @@ def main() -> None:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     try:
         check_method_args(args.set)
+        per_method_sets(args.method_set)  # a malformed entry fails here, before any run
         base = load_config(args.config, [*method_overrides(names[0], args.set), "method_args={}",
                                          f"method={names[0]}"])
         seeds = [int(s) for s in args.seeds.split(",") if s] or [base.seed]
@@ -313,19 +337,21 @@ def main() -> None:
     order = next(iter(next(iter(results.values())).values()))["order"]
     heading = (f"Methods compared on `{args.config}` ({len(order)} tasks: {', '.join(order)}; backbone "
                f"{base.backbone}), seeds {', '.join(map(str, seeds))}; overrides: "
-               f"{' '.join(args.set) or 'none'}")
+               f"{' '.join([*args.set, *args.method_set]) or 'none'}")
     table = markdown(summary, heading, fwt_reference)
     md, js = args.output / "compare.md", args.output / "compare.json"
     md.write_text(table)
     js.write_text(json.dumps({
-        "config": args.config, "overrides": args.set, "seeds": seeds, "order": order, "backbone": base.backbone,
+        "config": args.config, "overrides": args.set, "method_overrides": per_method_sets(args.method_set),
+        "seeds": seeds, "order": order, "backbone": base.backbone,
         "fwt_reference": fwt_reference, "summary": summary,
         "runs": {n: {str(seed): {k: r.get(k) for k in ("matrix", "single", "metrics", "routing_accuracy",
                                                        "seconds", "mlflow", "results_path")}
                      for seed, r in runs.items()} for n, runs in results.items()},
     }, indent=2))
     run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
-                           {"config": args.config, "overrides": json.dumps(args.set), "methods": ",".join(names),
+                           {"config": args.config, "overrides": json.dumps(args.set),
+                            "method_overrides": json.dumps(per_method_sets(args.method_set)), "methods": ",".join(names),
                             "seeds": ",".join(map(str, seeds)), "order": json.dumps(order)}, tags)
     print(table)
     print(f"MLflow: run {run_id} (compare-methods) in {tracking_uri}", file=sys.stderr)

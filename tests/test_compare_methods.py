@@ -1,0 +1,56 @@
+"""benchmarks/compare_methods.py without training: which config each method-seed runs with."""
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sapt.errors import SaptError
+
+ROOT = Path(__file__).parents[1]
+_spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "benchmarks" / "compare_methods.py")
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+
+def _args(tmp_path, sets=(), method_sets=()):
+    return argparse.Namespace(config="demo", set=list(sets), method_set=list(method_sets), output=tmp_path)
+
+
+def test_a_method_set_changes_that_method_alone_and_wins_over_the_shared_set(tmp_path):
+    args = _args(tmp_path, sets=["train.lr=0.005"], method_sets=["sapt-prompt:train.lr=0.03",
+                                                                 "sapt-prompt:method_args.router_lr=0.003"])
+    prompt = compare.run_config(args, "sapt-prompt", 1, None, "sqlite:///x.db")
+    lora = compare.run_config(args, "seq-lora", 1, None, "sqlite:///x.db")
+    assert prompt.train.lr == 0.03 and prompt.method_args["router_lr"] == 0.003
+    assert lora.train.lr == 0.005
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("sapt-prompt", "expected METHOD:KEY=VALUE"),
+    ("sapt-prompt:train.lr", "expected METHOD:KEY=VALUE"),
+    ("no-such-method:train.lr=1", "unknown method 'no-such-method'"),
+])
+def test_malformed_method_sets_are_refused_naming_the_entry(entry, message):
+    with pytest.raises(SaptError) as info:
+        compare.per_method_sets([entry])
+    assert message in str(info.value) and entry in str(info.value)
+
+
+def test_a_key_the_method_lacks_names_the_key(tmp_path):
+    args = _args(tmp_path, method_sets=["seq-lora:method_args.router_lr=0.003"])
+    with pytest.raises(SaptError) as info:
+        compare.run_config(args, "seq-lora", 1, None, "sqlite:///x.db")
+    assert "method_args.router_lr" in str(info.value)
+
+
+def test_the_script_refuses_a_bad_method_set_before_any_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_methods.py"), "--method-set",
+                           "nope:train.lr=1", "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert "--method-set nope:train.lr=1" in proc.stderr and "unknown method" in proc.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()
