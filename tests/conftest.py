@@ -42,9 +42,11 @@ def local_ray():
     entrypoints and `sapt` commands called in-process join it (ensure_ray) instead of starting their own."""
     import ray
 
+    from sapt.cluster.session import local_dashboard
+
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=3, include_dashboard=False)
+        ray.init(address="local", num_cpus=3, **local_dashboard())
     yield
     if started:
         ray.shutdown()
