@@ -320,7 +320,7 @@ def exact_match(backbone, examples) -> float:
 
 def _train_lora(model, tok, task, steps: int, seed: int) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -344,10 +344,10 @@ def test_lora_alone_learns_an_embedded_task_then_sequential_lora_forgets_it():
     model = get_peft_model(backbone.model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
                                                       target_modules=backbone.lora_targets))
     untrained = exact_match(backbone, first.test)
-    _train_lora(model, tok, first, steps=150, seed=0)  # 150 steps at 3e-3: 1.0 here, as 250 at 2e-3 (40% less time)
+    _train_lora(model, tok, first, steps=250, seed=0)
     learned = exact_match(backbone, first.test)
     assert untrained < 0.1
     assert learned > 0.8, (untrained, learned)
-    _train_lora(model, tok, second, steps=150, seed=1)  # the same LoRA goes on to the next task
+    _train_lora(model, tok, second, steps=250, seed=1)  # the same LoRA goes on to the next task
     assert exact_match(backbone, second.test) > 0.5
     assert exact_match(backbone, first.test) < learned - 0.2  # overwritten
