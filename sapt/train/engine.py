@@ -40,10 +40,26 @@ def build_engine(model: nn.Module, train, *, use_bf16: bool, param_groups: list[
     if not trainable:
         raise RuntimeError("the method left no trainable parameters")
     optimizer = torch.optim.AdamW(param_groups or trainable, lr=train.lr, weight_decay=train.weight_decay)
+    _skip_shm_comm_op()
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train, use_bf16=use_bf16)
     )
     return engine
+
+
+def _skip_shm_comm_op() -> None:
+    """On the CPU accelerator DeepSpeed's communication backend JIT-compiles its shared-memory
+    all-reduce op (C++, into ~/.cache/torch_extensions: about 90 s on 2 cores, again for every
+    environment at a new path, and a build killed midway leaves a lock that hangs later runs). Only
+    DeepSpeed-inference's all-reduce uses that op; training's collectives go through
+    torch.distributed (gloo). Marking the op incompatible in DeepSpeed's compatibility table, which
+    the backend consults and deepspeed.ops keeps for the process, skips the build."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 @contextlib.contextmanager
