@@ -120,7 +120,7 @@ def run_config(args: argparse.Namespace, name: str, seed: int, single: Path | No
         "method_args={}",
         f"mlflow.tracking_uri={tracking_uri}",  # every run in the comparison's store; a --set may move them
         *method_overrides(name, args.set),
-        *per_method_sets(args.method_set).get(name, []),  # this method's own values win
+        *args.method_sets.get(name, []),  # this method's own values win
         f"seed={seed}",
         f"output_dir={run_dir(args.output, name, seed)}",
         f"single_results={single or ''}",
@@ -316,7 +316,7 @@ def main() -> None:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     try:
         check_method_args(args.set)
-        per_method_sets(args.method_set)  # a malformed entry fails here, before any run
+        args.method_sets = per_method_sets(args.method_set)  # a malformed entry fails here, before any run
         base = load_config(args.config, [*method_overrides(names[0], args.set), "method_args={}",
                                          f"method={names[0]}"])
         seeds = [int(s) for s in args.seeds.split(",") if s] or [base.seed]
@@ -342,7 +342,7 @@ def main() -> None:
     md, js = args.output / "compare.md", args.output / "compare.json"
     md.write_text(table)
     js.write_text(json.dumps({
-        "config": args.config, "overrides": args.set, "method_overrides": per_method_sets(args.method_set),
+        "config": args.config, "overrides": args.set, "method_overrides": args.method_sets,
         "seeds": seeds, "order": order, "backbone": base.backbone,
         "fwt_reference": fwt_reference, "summary": summary,
         "runs": {n: {str(seed): {k: r.get(k) for k in ("matrix", "single", "metrics", "routing_accuracy",
@@ -351,7 +351,7 @@ def main() -> None:
     }, indent=2))
     run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
                            {"config": args.config, "overrides": json.dumps(args.set),
-                            "method_overrides": json.dumps(per_method_sets(args.method_set)), "methods": ",".join(names),
+                            "method_overrides": json.dumps(args.method_sets), "methods": ",".join(names),
                             "seeds": ",".join(map(str, seeds)), "order": json.dumps(order)}, tags)
     print(table)
     print(f"MLflow: run {run_id} (compare-methods) in {tracking_uri}", file=sys.stderr)

@@ -17,7 +17,8 @@ _spec.loader.exec_module(compare)
 
 
 def _args(tmp_path, sets=(), method_sets=()):
-    return argparse.Namespace(config="demo", set=list(sets), method_set=list(method_sets), output=tmp_path)
+    return argparse.Namespace(config="demo", set=list(sets), method_set=list(method_sets),
+                              method_sets=compare.per_method_sets(list(method_sets)), output=tmp_path)
 
 
 def test_a_method_set_changes_that_method_alone_and_wins_over_the_shared_set(tmp_path):

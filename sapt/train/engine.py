@@ -57,8 +57,10 @@ def _skip_shm_comm_op() -> None:
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() != "cpu":
+        return
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and get_accelerator().device_name() == "cpu":
+    if builder is not None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
