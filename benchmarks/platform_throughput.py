@@ -56,14 +56,15 @@ def plain_loop(run, examples, threads: int) -> float:
 
 def platform(run, tasks, workers: int) -> tuple[float, float, float]:
     """One stage through Ray Train + DeepSpeed. Returns (aggregate tokens/s, stage wall s, overhead s)."""
-    from sapt.cluster.trainer import fit_stage
+    from sapt.cluster.trainer import SequenceTrainer
     from sapt.methods import build_method
 
     run = run.model_copy(update={"num_workers": workers})
     stage = build_method(run.method, {}, run.pet).stages(len(tasks))[0]
     start = time.perf_counter()
-    result = fit_stage(run, stage, tasks, init_state=None, storage_path=f"{run.output_dir}/ray",
-                       name=f"bench-{workers}w-{int(time.time())}")
+    name = f"bench-{workers}w-{int(time.time())}"
+    with SequenceTrainer(run, tasks, storage_path=f"{run.output_dir}/ray", name=name, first=0, keep_as=name) as trainer:
+        result = trainer.run_stage(0, stage, init_state=None)
     wall = time.perf_counter() - start
     epoch = result.history[-1]  # the last epoch, as for the plain loop
     # Each worker trained on 1/workers of the data in about the same time: aggregate = per worker x N.

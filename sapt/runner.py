@@ -5,6 +5,7 @@ The only module that sees every layer. Bad input is found before anything is reg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -76,7 +77,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
     stages = method.stages(len(tasks))
 
     from sapt.cluster.session import ensure_ray
-    from sapt.cluster.trainer import fit_stage, local_state
+    from sapt.cluster.trainer import SequenceTrainer, local_state
     from sapt.registry.sequence_pool import SequencePool
     from sapt.registry.tracking import SequenceTracker, resolve_tracking_uri
 
@@ -108,39 +109,45 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                          rows=[s.row for s in stages if s.row <= point.task_index])
         done = point.task_index
     started = time.perf_counter()
+    first = next((number for number, stage in enumerate(stages) if stage.row > done), len(stages))
     try:
-        for number, stage in enumerate(stages):
-            if stage.row <= done:
-                continue
-            trained = [names[i] for i in stage.train_tasks]
-            log.info("stage %d/%d: training on %s", number + 1, len(stages), ", ".join(trained))
-            newest = stage.train_tasks[-1]
-            needs_memory = memory_spec is not None and number + 1 < len(stages)
-            result = fit_stage(run, stage, tasks, init_state=None if stage.fresh else state, storage_path=storage,
-                               name=f"{tracker.run_id}-stage{number + 1:02d}", memory=memory_spec,
-                               memory_rows=[r for i in sorted(memory) if i < newest for r in memory[i]],
-                               needs_memory=needs_memory, post_task_split=method.post_task_split)
-            state = result.checkpoint_path
-            scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
-            progress.add(stage.row, scores, result.attention, names)
-            log.info("after %s: %s", "+".join(trained), ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items()))
-            tracker.stage(stage.row, trained, scores, result.history, progress.matrix, progress.routing)
-            if needs_memory:
-                memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path, output_dir)
-                tracker.log_memory(memory_file)
-                if result.generator_path:
-                    uri = tracker.log_generator(result.generator_path, memory_file.stem)
-                    log.info("%s's pseudo-sample generator: %s", names[newest], uri)
-            tracker.log_progress(progress.to_json())
-            so_far = progress.metrics_so_far(stage.row, single)
-            if pool is not None:  # last: the pool version is what --resume trusts
-                with local_state(state) as state_dir:
-                    files = method.finished_files(state_dir, stage.row)
-                    version = pool.register(state_dir, files, stage.row, so_far, tracker.run_id)
-                log.info("registered %s version %d (models:/%s@after-t%02d)", pool.name, version.pool, pool.name,
-                         stage.row + 1)
-            if on_stage is not None:
-                on_stage(stage.row, so_far)
+        # One worker group for every stage left: it starts once (tens of seconds), not per stage.
+        trainer = SequenceTrainer(run, tasks, storage_path=storage, name=f"{tracker.run_id}-from-t{first + 1:02d}",
+                                  first=first, keep_as=tracker.run_id, memory=memory_spec,
+                                  post_task_split=method.post_task_split) if first < len(stages) else None
+        with trainer or contextlib.nullcontext():
+            for number in range(first, len(stages)):
+                stage = stages[number]
+                trained = [names[i] for i in stage.train_tasks]
+                log.info("stage %d/%d: training on %s", number + 1, len(stages), ", ".join(trained))
+                newest = stage.train_tasks[-1]
+                needs_memory = memory_spec is not None and number + 1 < len(stages)
+                result = trainer.run_stage(number, stage, init_state=None if stage.fresh else state,
+                                           memory_rows=[r for i in sorted(memory) if i < newest for r in memory[i]],
+                                           needs_memory=needs_memory)
+                state = result.checkpoint_path
+                scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
+                progress.add(stage.row, scores, result.attention, names)
+                log.info("after %s: %s", "+".join(trained),
+                         ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items()))
+                tracker.stage(stage.row, trained, scores, result.history, progress.matrix, progress.routing)
+                if needs_memory:
+                    memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path,
+                                                            output_dir)
+                    tracker.log_memory(memory_file)
+                    if result.generator_path:
+                        uri = tracker.log_generator(result.generator_path, memory_file.stem)
+                        log.info("%s's pseudo-sample generator: %s", names[newest], uri)
+                tracker.log_progress(progress.to_json())
+                so_far = progress.metrics_so_far(stage.row, single)
+                if pool is not None:  # last: the pool version is what --resume trusts
+                    with local_state(state) as state_dir:
+                        files = method.finished_files(state_dir, stage.row)
+                        version = pool.register(state_dir, files, stage.row, so_far, tracker.run_id)
+                    log.info("registered %s version %d (models:/%s@after-t%02d)", pool.name, version.pool,
+                             pool.name, stage.row + 1)
+                if on_stage is not None:
+                    on_stage(stage.row, so_far)
     except BaseException:
         tracker.fail()
         raise

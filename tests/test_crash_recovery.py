@@ -39,7 +39,8 @@ SETTINGS = [
     "val_size=8", "method_args.generator_steps=4", "method_args.generator_max_new_tokens=12",
     f"mlflow.pool_name={POOL}", "ray.max_failures=1",
 ]
-SECOND_STAGE = "*-stage02"
+RESUMED_RUN = "*-from-t02"  # the Ray Train run of the --resume: stage 2 onwards
+SECOND_EPOCH_ONE, SECOND_FINAL = "stage-02-epoch-001", "stage-02-final"
 
 
 def _command(out_dir: Path, *extra: str) -> list[str]:
@@ -73,8 +74,8 @@ def _content(registry: dict) -> dict:
 
 
 def _stage_losses(out_dir: Path) -> list[list[float]]:
-    """Task 2's per-epoch loss curves, from the history in its final Ray Train checkpoint."""
-    history = json.loads(next((out_dir / "ray").glob(f"{SECOND_STAGE}/final/history.json")).read_text())
+    """Task 2's per-epoch loss curves, from the history in its kept final checkpoint."""
+    history = json.loads(next((out_dir / "ray").glob("*-after-t02/history.json")).read_text())
     return [h["losses"] for h in history]
 
 
@@ -121,13 +122,13 @@ def _resume_losing_a_worker_in_task_two(out_dir: Path) -> dict:
     storage = out_dir / "ray"
     deadline = time.monotonic() + 600
     try:
-        while "epoch-001" not in registered_checkpoints(storage, SECOND_STAGE):
+        while SECOND_EPOCH_ONE not in registered_checkpoints(storage, RESUMED_RUN):
             assert proc.poll() is None, f"run ended (rc {proc.returncode}) before task 2's first checkpoint:\n" + tail(stderr_path)
             assert time.monotonic() < deadline, "task 2 registered no checkpoint in 600 s:\n" + tail(stderr_path)
             tree.record()
             time.sleep(0.1)
-        registered_at_kill = registered_checkpoints(storage, SECOND_STAGE)
-        assert "final" not in registered_at_kill, "task 2 finished before the kill: lengthen its epochs"
+        registered_at_kill = registered_checkpoints(storage, RESUMED_RUN)
+        assert SECOND_FINAL not in registered_at_kill, "task 2 finished before the kill: lengthen its epochs"
         kill_one_worker(proc, stderr_path, rank=1)
         tree.wait(timeout=600)
     finally:
@@ -166,7 +167,8 @@ def test_a_worker_lost_mid_task_costs_only_the_epochs_since_the_last_checkpoint(
     stderr = runs["resume"]["stderr"]
     assert stderr.count("Started training worker group of size 2") >= 2  # task 2, then task 2 again
     resumed = {int(n) for n in re.findall(r"\[stage 2/2 [^\]]*\] resumed after epoch (\d+)", stderr)}
-    registered = max(int(n[len("epoch-"):]) for n in runs["resume"]["registered_at_kill"] if n.startswith("epoch-"))
+    registered = max(int(n.rsplit("-", 1)[1]) for n in runs["resume"]["registered_at_kill"]
+                     if n.startswith("stage-02-epoch-"))
     assert len(resumed) == 1 and registered <= min(resumed) < EPOCHS, (resumed, registered)
     # The restarted group trained only the epochs after its checkpoint: task 2's history has each once.
     assert len(_stage_losses(runs["crashed"])) == EPOCHS

@@ -129,7 +129,7 @@ def test_the_registered_pool_after_each_task_answers_as_the_run_did(sapt_run):
     tasks = load_tasks(None, ["first-word", "last-word"], max_train_per_task=400, max_eval_per_task=EVAL_ITEMS,
                        val_size=40, seed=42)  # the preset's caps, as the run loaded them
     for t in (1, 2):
-        stage = out_dir / "ray" / f"{run_id}-stage{t:02d}" / "final"
+        stage = out_dir / "ray" / f"{run_id}-after-t{t:02d}"  # the task's kept final checkpoint
         made = json.loads((stage / "predictions.json").read_text())
         model = pool_store.load_pool(uri, pool, f"after-t{t:02d}", model_config={"device": "cpu"})
         for task in tasks[:t]:

@@ -1,19 +1,23 @@
-"""What each Ray Train worker runs for one stage: build, train on DeepSpeed, checkpoint, evaluate.
+"""What each Ray Train worker runs: the stages of a sequence, each built, trained on DeepSpeed,
+checkpointed and evaluated, as the driver posts them to the sequence's ``StageFeed``.
 
-Ray enters in four places, numbered as in Ray's examples: [1] dataset shards, [2] resume from the
-run's latest checkpoint, [3] checkpoint + report after every epoch, [4] the final report carrying
-the saved state and the test predictions. Everything else is the plain loop in sapt.train.
+Ray enters in five places, numbered as in Ray's examples: [1] the stage's inputs and dataset shards
+from the feed, [2] resume from the run's latest checkpoint, [3] checkpoint + report after every
+epoch, [4] the final report carrying the saved state and the test predictions, [5] telling the
+driver where that is. Everything else is the plain loop in sapt.train.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import ray.data
@@ -39,6 +43,7 @@ PREDICTIONS_FILE = "predictions.json"
 HISTORY_FILE = "history.json"
 ATTENTION_FILE = "attention.json"  # routing diagnostics, for methods that route
 POST_TASK_FILE = "post_task.json"  # what the method's finish_task reported
+STAGE_FILE = "stage.json"  # in every checkpoint: which stage (number in Method.stages) and whether it ended
 
 
 def _say(rank: int, message: str) -> None:
@@ -81,25 +86,68 @@ def quiet_ray_data() -> None:
     context.print_on_execution_start = False
 
 
-def train_stage(loop_config: dict) -> None:
-    """Ray Train entry point. ``loop_config`` holds plain JSON: run config, stage, init state path."""
-    run = RunConfig.model_validate(loop_config["run"])
-    stage = Stage.from_dict(loop_config["stage"])
-    task_names: list[str] = loop_config["task_names"]
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if run.ray.use_gpu else "cpu")
-    from sapt.train.engine import build_engine, whole_trainable  # after DS_ACCELERATOR is set
-    from sapt.train.loop import train_epoch
+def checkpoint_dir_name(number: int, epoch: int | None) -> str:
+    """A checkpoint's folder in the Train run: ``stage-NN-epoch-EEE``, or ``stage-NN-final``."""
+    return f"stage-{number + 1:02d}-" + ("final" if epoch is None else f"epoch-{epoch:03d}")
 
+
+def train_sequence(loop_config: dict) -> None:
+    """Ray Train entry point: stage after stage as the driver posts them, until it closes the feed.
+
+    ``loop_config`` holds plain JSON (run config, task names, the first stage's number) and the feed.
+    """
+    run = RunConfig.model_validate(loop_config["run"])
+    task_names: list[str] = loop_config["task_names"]
+    feed = loop_config["feed"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if run.ray.use_gpu else "cpu")
     quiet_ray_data()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    group = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(group, src=0)  # one set of dataset shards per worker group
+    me = ray.get_runtime_context()
+
+    # [2] A restarted worker group (or a re-driven run of the same name) continues from its newest
+    # checkpoint: mid-stage from the epoch it ended, with that epoch's random state.
+    number, resumed = loop_config["first"], ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as directory:
+            where = json.loads((Path(directory) / STAGE_FILE).read_text())
+        number = where["number"]
+        if where["final"]:  # that stage ended, but the driver may not have heard
+            if rank == 0:
+                ray.get(feed.post_result.remote(number, {"checkpoint_dir_name": checkpoint_dir_name(number, None)}))
+            number, resumed = number + 1, None
+    while True:
+        # [1] The stage's inputs and this rank's dataset shards; None when the sequence is over.
+        inputs = ray.get(feed.take_stage.remote(number, group[0], rank, me.get_actor_id(), me.current_actor))
+        if inputs is None:
+            return
+        _train_stage(run, number, inputs, task_names, rank, world, resumed)
+        resumed = None
+        gc.collect()  # the stage's model and engine, before the next stage builds its own
+        # [5] The driver copies the stage's final checkpoint and scores its predictions.
+        if rank == 0:
+            ray.get(feed.post_result.remote(number, {"checkpoint_dir_name": checkpoint_dir_name(number, None)}))
+        number += 1
+
+
+def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str], rank: int, world: int,
+                 resumed: ray.train.Checkpoint | None) -> None:
+    """One stage on this worker: build, train (from ``resumed``, an epoch checkpoint of this stage,
+    if given), post-task pass, evaluate, save; ends with the stage's final report."""
+    from sapt.train.engine import build_engine, whole_trainable  # after DS_ACCELERATOR is set
+    from sapt.train.loop import train_epoch
+
+    stage = Stage.from_dict(inputs["stage"])
+    shards = inputs["shards"]
     device = ray.train.torch.get_device()
     torch.manual_seed(run.seed + stage.row)
     label = f"[stage {stage.row + 1}/{len(task_names)} {'+'.join(task_names[i] for i in stage.train_tasks)}]"
 
     backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
     method = build_method(run.method, run.method_args, run.pet)
-    with _checkpoint_dir(loop_config.get("init_state")) as state_dir:  # the runner sends None for a fresh stage
+    with _checkpoint_dir(inputs["init_state"]) as state_dir:  # the runner sends None for a fresh stage
         model = method.build(backbone, state_dir, stage)
     model.to(device)
     use_bf16 = run.train.precision == "bf16"
@@ -109,10 +157,7 @@ def train_stage(loop_config: dict) -> None:
     # Which remembered items are reflected or replayed in balanced batches.
     reflect_rng = random.Random(run.seed + 104729 * stage.row + rank)
 
-    # [2] A restarted worker group (or a re-driven run of the same name) continues from its last epoch,
-    # with the random state that epoch ended with: it ends as an uninterrupted run would.
     history: list[dict] = []
-    resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as directory:
             engine.load_checkpoint(str(Path(directory) / ENGINE_DIR), load_module_strict=False)
@@ -120,10 +165,10 @@ def train_stage(loop_config: dict) -> None:
             restore_rng(Path(directory), rank, reflect_rng)
         _say(rank, f"{label} resumed after epoch {len(history)}")
 
-    # [1] This worker's shard of the stage's training stream, and the remembered inputs of earlier tasks.
-    shard = ray.train.get_dataset_shard("train")
+    # This worker's shard of the stage's training stream, and the remembered inputs of earlier tasks.
+    shard = shards["train"]
     spec = method.memory()
-    remembered = _memory_by_task()
+    remembered = _memory_by_task(shards.get("memory"))
     reflect = _reflect_sampler(collator, run.train.batch_size, reflect_rng, remembered) \
         if spec is not None and spec.use == "reflect" else None
     balanced = BalancedMix(remembered, batch_size=run.train.batch_size, old_share=spec.old_share, rng=reflect_rng) \
@@ -164,15 +209,16 @@ def train_stage(loop_config: dict) -> None:
                 if rank == 0:
                     method.save(engine.module, Path(tmp) / STATE_DIR)
                     (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
+                    (Path(tmp) / STAGE_FILE).write_text(json.dumps({"number": number, "final": False}))
             ray.train.report(
-                {"epoch": epoch + 1, "loss": stats.mean_loss},
+                {"stage": number + 1, "epoch": epoch + 1, "loss": stats.mean_loss},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"epoch-{epoch + 1:03d}",
+                checkpoint_dir_name=checkpoint_dir_name(number, epoch + 1),
             )
 
     synced = run.train.zero_stage == 3 and world > 1
-    report = _post_task(engine.module, method, collator, run, rank, world, device, synced, stage)
-    predictions, attention = _evaluate(engine, method, collator, run, rank, world, device, task_names, label)
+    report = _post_task(engine.module, method, collator, run, rank, world, device, synced, stage, shards)
+    predictions, attention = _evaluate(engine, method, collator, run, rank, world, device, task_names, label, shards)
     # [4] The stage's result: state for the next stage, predictions for the driver to score.
     with tempfile.TemporaryDirectory() as tmp:
         with whole_trainable(engine, run.train.zero_stage):
@@ -180,6 +226,7 @@ def train_stage(loop_config: dict) -> None:
                 method.save(engine.module, Path(tmp) / STATE_DIR)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
                 (Path(tmp) / PREDICTIONS_FILE).write_text(json.dumps(predictions))
+                (Path(tmp) / STAGE_FILE).write_text(json.dumps({"number": number, "final": True}))
                 if report is not None:
                     (Path(tmp) / POST_TASK_FILE).write_text(json.dumps(report))
                 if attention is not None:
@@ -187,19 +234,20 @@ def train_stage(loop_config: dict) -> None:
                     (Path(tmp) / ATTENTION_FILE).write_text(json.dumps(attention))
         del engine  # the generator below needs the memory more
         memory = method.memory()
-        if memory is not None and memory.generator is not None and loop_config.get("needs_memory"):
-            _train_generator(run, memory.generator, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR)
+        if memory is not None and memory.generator is not None and inputs["needs_memory"]:
+            _train_generator(run, memory.generator, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR,
+                             shard)
         ray.train.report(
-            {"epoch": run.train.epochs, "evaluated": 1},
+            {"stage": number + 1, "epoch": run.train.epochs, "evaluated": 1},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name="final",
+            checkpoint_dir_name=checkpoint_dir_name(number, None),
         )
 
 
-def _my_rows(dataset: str, rank: int, world: int) -> list[tuple[int, int, str, str]]:
+def _my_rows(iterator, rank: int, world: int) -> list[tuple[int, int, str, str]]:
     """This rank's (task, item, source, target) rows of an unsplit dataset: those with id % world == rank."""
     rows = []
-    for batch in ray.train.get_dataset_shard(dataset).iter_batches(batch_size=4096, batch_format="numpy"):
+    for batch in iterator.iter_batches(batch_size=4096, batch_format="numpy"):
         targets = batch["target"] if "target" in batch else [""] * len(batch["id"])
         for ident, task, item, source, target in zip(batch["id"], batch["task"], batch["item"], batch["source"], targets):
             if int(ident) >= 0 and int(ident) % world == rank:
@@ -220,16 +268,12 @@ def _chunks(rows: list, size: int, synced: bool, device) -> tuple[list[list], in
     return chunks, real
 
 
-def _memory_by_task() -> dict[int, list[tuple[str, str]]]:
+def _memory_by_task(shard) -> dict[int, list[tuple[str, str]]]:
     """The remembered (source, target) items of earlier tasks, by task (empty: nothing kept).
 
     The memory dataset is small next to the stream (a share of each task, or ConPET's history):
     each worker holds it whole and samples from it with a random state every epoch checkpoint keeps.
     """
-    try:
-        shard = ray.train.get_dataset_shard("memory")
-    except KeyError:
-        return {}
     if shard is None:
         return {}
     by_task: dict[int, list[tuple[str, str]]] = {}
@@ -278,13 +322,13 @@ def _balanced_batches(shard, collator: Collator, mix: BalancedMix, *, steps: int
 
 
 @torch.no_grad()
-def _post_task(model, method: Method, collator, run, rank, world, device, synced, stage) -> dict | None:
+def _post_task(model, method: Method, collator, run, rank, world, device, synced, stage, shards) -> dict | None:
     """The method's post-task pass over the newest task's ``post_task_split`` inputs, all ranks
     together: per-batch sums, summed over batches and all-reduced, then ``finish_task``, which keeps
     what it needs in the state. Returns its JSON report (None without a pass)."""
     if method.post_task_split is None:
         return None
-    rows = _my_rows("post_task", rank, world)
+    rows = _my_rows(shards["post_task"], rank, world)
     chunks, real = _chunks(rows, run.eval.batch_size, synced, device)
     model.eval()
     totals: dict[str, torch.Tensor] | None = None
@@ -308,10 +352,10 @@ def _post_task(model, method: Method, collator, run, rank, world, device, synced
     return method.finish_task(model, stage.train_tasks[-1], sums, int(count)) or {}
 
 
-def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label):
+def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label, shards):
     """Greedy-decodes this rank's share of the test prompts; rank 0 returns everyone's answers by task,
     and, for routing methods, per-task attention sums and how many inputs picked their own block."""
-    rows = _my_rows("eval", rank, world)
+    rows = _my_rows(shards["eval"], rank, world)
     synced = run.train.zero_stage == 3 and world > 1
     chunks, real = _chunks(rows, run.eval.batch_size, synced, device)
     model = engine.module
@@ -362,7 +406,7 @@ def _add_routing(routing: dict[int, dict], tasks: list[int], weights) -> None:
         stats["own_block"] += int(best == task)
 
 
-def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path) -> None:
+def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path, shard) -> None:
     """ARM: a fresh LoRA generator of the newest task's prompts, trained on this worker's shard
     (all ranks, one DeepSpeed engine) and saved by rank 0 as a PEFT adapter."""
     from sapt.train.engine import build_engine, whole_trainable
@@ -383,7 +427,6 @@ def _train_generator(run, settings, task_names, rank, device, label, out_dir: Pa
         def loss(model, batch, reflect=None):
             return model(**batch).loss, {}  # generator batches carry no task/memory keys
 
-    shard = ray.train.get_dataset_shard("train")
     steps, passes = 0, 0
     while steps < settings.steps:
         batches = shard.iter_torch_batches(batch_size=run.train.batch_size, collate_fn=_Batches(),
