@@ -318,6 +318,16 @@ def exact_match(backbone, examples) -> float:
     return sum(p.strip() == ex.target for p, ex in zip(preds, examples)) / len(examples)
 
 
+def answer_loss(model, tok, examples) -> float:
+    """Mean cross-entropy of the reference answers: forgetting as a number that moves smoothly
+    (exact match after a second task sits anywhere from 0.3 to 0.85 with the machine's rounding)."""
+    batch = tok([ex.source for ex in examples], padding=True, return_tensors="pt")
+    labels = tok(text_target=[ex.target for ex in examples], padding=True, return_tensors="pt")["input_ids"]
+    labels[labels == tok.pad_token_id] = -100
+    with torch.no_grad():
+        return float(model(**batch, labels=labels).loss)
+
+
 def _train_lora(model, tok, task, steps: int, seed: int) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.0)
@@ -337,6 +347,7 @@ def _train_lora(model, tok, task, steps: int, seed: int) -> None:
 @pytest.mark.slow
 def test_lora_alone_learns_an_embedded_task_then_sequential_lora_forgets_it():
     """What SeqLoRA does on the embedded pair: learns each task, and the second overwrites the first."""
+    torch.manual_seed(0)  # the LoRA's initial weights: not whatever earlier tests left in the global generator
     backbone = load_backbone("embedded:tiny-t5")  # default cache: the first run warms up (~2 min)
     first, second = (build_task(name, num_train=1000, num_val=0, num_test=100, seed=1)
                      for name in ("first-word", "last-word"))
@@ -345,9 +356,10 @@ def test_lora_alone_learns_an_embedded_task_then_sequential_lora_forgets_it():
                                                       target_modules=backbone.lora_targets))
     untrained = exact_match(backbone, first.test)
     _train_lora(model, tok, first, steps=250, seed=0)
-    learned = exact_match(backbone, first.test)
+    learned, learned_loss = exact_match(backbone, first.test), answer_loss(model, tok, first.test)
     assert untrained < 0.1
     assert learned > 0.8, (untrained, learned)
     _train_lora(model, tok, second, steps=250, seed=1)  # the same LoRA goes on to the next task
     assert exact_match(backbone, second.test) > 0.5
-    assert exact_match(backbone, first.test) < learned - 0.2  # overwritten
+    after = answer_loss(model, tok, first.test)
+    assert after > 3 * learned_loss, (learned_loss, after)  # overwritten: the first task's answers got unlikely
