@@ -68,8 +68,10 @@ class RayConfig(_Strict):
     address: str = Field("", description="Empty: start an embedded local Ray; else a cluster address.")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    max_failures: int = Field(0, ge=0, description="Worker-group restarts per task (resume from checkpoint).")
+    max_failures: int = Field(0, ge=0, description="Worker-group restarts per run (each resumes from the last checkpoint).")
     storage_path: str = Field("", description="Shared storage for Train checkpoints; empty: output_dir/ray.")
+    resource_wait_s: float = Field(600.0, gt=0, description="How long a run waits for its workers' CPUs/GPUs "
+                                   "(a cluster's nodes starting, say) before it gives up.")
 
 
 class RunConfig(_Strict):

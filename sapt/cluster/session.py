@@ -14,17 +14,23 @@ from sapt.errors import SaptError
 
 log = logging.getLogger(__name__)
 
-WORKER_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180"),
-}
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 
 
-def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gpu: bool,
+               extra_cpus: float = 0.0) -> None:
     """Connects to ``address``, or starts a local Ray when it is empty; no-op if already connected.
 
     Inside a Ray job (``sapt submit``) an empty address means the job's own cluster: the job
     supervisor sets ``RAY_ADDRESS``.
+
+    Args:
+        num_workers, cpus_per_worker, use_gpu: the workers that run at once (Train workers, or
+            Ray Data actors); a local Ray refuses more than this machine's cores or GPUs at once.
+        extra_cpus: logical CPUs beyond theirs, for processes that mostly wait (sweep trials' drivers).
+
+    Raises:
+        SaptError: an unreachable address, or a local ask beyond the machine (``num_workers``).
     """
     if ray.is_initialized():
         return
@@ -37,9 +43,10 @@ def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gp
         except Exception as err:  # Ray raises several types for an unreachable cluster
             raise SaptError(f"cannot connect to Ray at {address!r}: {err}", source="ray.address") from None
         return
+    check_local_fit(num_workers, cpus_per_worker, use_gpu)
     # Ray Data's read and split tasks need CPUs that the Train workers have not reserved
     # (ecosystem.md 1.3): over-commit logical CPUs on small machines.
-    needed = math.ceil(num_workers * cpus_per_worker) + 2
+    needed = math.ceil(num_workers * cpus_per_worker + extra_cpus) + 2
     num_cpus = max(os.cpu_count() or 1, needed)
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
     ray.init(
@@ -50,6 +57,24 @@ def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gp
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+
+
+def check_local_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """An embedded local Ray has this machine's cores and GPUs and no more: an ask beyond them would
+    wait forever (or thrash), so it is refused before anything starts."""
+    cores = os.cpu_count() or 1
+    if num_workers * cpus_per_worker > cores:
+        raise SaptError(f"{num_workers} workers x {cpus_per_worker:g} CPUs need {num_workers * cpus_per_worker:g} "
+                        f"cores, and this machine has {cores} (the embedded local Ray; set ray.address to use a "
+                        "cluster)", source="config", field="num_workers")
+    if use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if num_workers > gpus:
+            raise SaptError(f"{num_workers} GPU workers need {num_workers} GPUs, and this machine has {gpus} "
+                            "(the embedded local Ray; set ray.address to use a cluster)", source="config",
+                            field="ray.use_gpu")
 
 
 def shutdown_ray() -> None:

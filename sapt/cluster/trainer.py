@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from sapt.cluster.datasets import eval_dataset, memory_dataset, post_task_datase
 from sapt.cluster.stage_feed import StageFeed
 from sapt.config import RunConfig
 from sapt.data.types import TaskData
+from sapt.errors import SaptError
 from sapt.methods.base import MemorySpec, Stage
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class SequenceTrainer:
         self.run, self.tasks, self.storage_path, self.name, self.keep_as = run, tasks, storage_path, name, keep_as
         self.memory, self.post_task_split = memory, post_task_split
         self.feed = StageFeed.remote(run.num_workers, ["train"])
+        # Ray Train waits this long for the workers' placement group, then (controller_failure_limit 0)
+        # fails instead of asking again forever. It reads the setting from the driver's environment.
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(run.ray.resource_wait_s)
         self.trainer = TorchTrainer(
             worker.train_sequence,
             train_loop_config={
@@ -81,7 +86,7 @@ class SequenceTrainer:
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=storage_path,
-                failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures, controller_failure_limit=0),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
         )
@@ -125,7 +130,8 @@ class SequenceTrainer:
         pending = self.feed.take_result.remote(number)
         while not ray.wait([pending], timeout=1.0)[0]:
             if not self._thread.is_alive():
-                raise self._error or RuntimeError(f"the Ray Train run {self.name} ended before stage {number + 1}")
+                raise self._no_workers() or self._error or RuntimeError(
+                    f"the Ray Train run {self.name} ended before stage {number + 1}")
         done = ray.get(pending)
         kept = keep_checkpoint(f"{self.storage_path.rstrip('/')}/{self.name}/{done['checkpoint_dir_name']}",
                                self.storage_path, f"{self.keep_as}-after-t{stage.row + 1:02d}")
@@ -137,6 +143,17 @@ class SequenceTrainer:
         generator = Path(kept) / worker.GENERATOR_DIR
         return StageResult(checkpoint_path=kept, predictions=predictions, history=history, attention=attention,
                            generator_path=str(generator) if generator.is_dir() else None)
+
+    def _no_workers(self) -> SaptError | None:
+        """The run's failure as a clear message when it was the wait for the workers' resources."""
+        cause = getattr(self._error, "controller_failure", None)
+        if type(cause).__name__ != "WorkerGroupStartupTimeoutError":
+            return None
+        run = self.run
+        each = f"{run.ray.cpus_per_worker:g} CPU" + (" + 1 GPU" if run.ray.use_gpu else "")
+        return SaptError(f"Ray gave no {run.num_workers} workers x ({each}) within {run.ray.resource_wait_s:g} s: "
+                         "the cluster lacks them (or its new nodes start slower)", source="config",
+                         field="ray.resource_wait_s")
 
     def _datasets(self, stage: Stage, memory_rows: list[dict] | None) -> dict[str, ray.data.Dataset]:
         memory, run, tasks = self.memory, self.run, self.tasks

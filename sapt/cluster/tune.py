@@ -22,7 +22,7 @@ INT_KINDS = ("randint", "lograndint")
 
 def start_ray(base: dict, concurrent: int) -> Callable[[], None]:
     """A Ray big enough for ``concurrent`` trials: each needs 1 CPU for its driver plus its Train workers;
-    ensure_ray adds room for Ray Data.
+    ensure_ray adds room for Ray Data, and refuses trials whose workers together exceed the machine.
 
     Args:
         base: the sweep's base config as a dict (``num_workers`` and the ``ray`` section are read).
@@ -33,9 +33,8 @@ def start_ray(base: dict, concurrent: int) -> Callable[[], None]:
     """
     if ray.is_initialized():
         return lambda: None
-    per_trial = 1 + base["num_workers"] * base["ray"]["cpus_per_worker"]
-    ensure_ray(base["ray"]["address"], num_workers=concurrent, cpus_per_worker=per_trial,
-               use_gpu=base["ray"]["use_gpu"])
+    ensure_ray(base["ray"]["address"], num_workers=concurrent * base["num_workers"],
+               cpus_per_worker=base["ray"]["cpus_per_worker"], use_gpu=base["ray"]["use_gpu"], extra_cpus=concurrent)
     return ray.shutdown
 
 
