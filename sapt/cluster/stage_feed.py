@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.data import DataContext, Dataset
+from ray.data import DataContext, Dataset, ExecutionOptions
 
 
 @ray.remote(num_cpus=0)
@@ -26,7 +26,12 @@ class StageFeed:
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         self._world_size = world_size
-        self._data_config = ray.train.DataConfig(datasets_to_split=datasets_to_split)
+        # Ray Train's default ingest options copy the deprecated ``exclude_resources`` (a warning per
+        # stage); the same options without it.
+        current = context.execution_options
+        options = ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                                   verbose_progress=current.verbose_progress)
+        self._data_config = ray.train.DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
         self._stages: dict[int, tuple[dict[str, Any], dict[str, Dataset]]] = {}
         self._shards: dict[tuple[int, str], list[dict]] = {}  # (stage, worker group) -> per-rank iterators
         self._results: dict[int, dict[str, Any]] = {}

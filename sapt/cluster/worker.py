@@ -74,8 +74,9 @@ class _TrainBatches(NumpyBatchCollateFn):
 
     def __call__(self, batch):
         tensors = self.collator.train_batch(list(batch["source"]), list(batch["target"]))
-        tensors[TASK_KEY] = torch.as_tensor(batch["task"], dtype=torch.long)
-        tensors[MEMORY_KEY] = torch.as_tensor(batch["memory"], dtype=torch.bool)
+        # Copies: Ray Data hands read-only arrays, which torch would share and warn about.
+        tensors[TASK_KEY] = torch.tensor(batch["task"], dtype=torch.long)
+        tensors[MEMORY_KEY] = torch.tensor(batch["memory"], dtype=torch.bool)
         return tensors
 
 
