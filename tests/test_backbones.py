@@ -318,14 +318,18 @@ def exact_match(backbone, examples) -> float:
     return sum(p.strip() == ex.target for p, ex in zip(preds, examples)) / len(examples)
 
 
-def answer_loss(model, tok, examples) -> float:
-    """Mean cross-entropy of the reference answers: forgetting as a number that moves smoothly
-    (exact match after a second task sits anywhere from 0.3 to 0.85 with the machine's rounding)."""
+def _training_batch(tok, examples) -> dict:
     batch = tok([ex.source for ex in examples], padding=True, return_tensors="pt")
     labels = tok(text_target=[ex.target for ex in examples], padding=True, return_tensors="pt")["input_ids"]
     labels[labels == tok.pad_token_id] = -100
+    return {**batch, "labels": labels}
+
+
+def answer_loss(model, tok, examples) -> float:
+    """Mean cross-entropy of the reference answers: forgetting as a number that moves smoothly
+    (exact match after a second task sits anywhere from 0.1 to 0.97 with the LoRA's initial weights)."""
     with torch.no_grad():
-        return float(model(**batch, labels=labels).loss)
+        return float(model(**_training_batch(tok, examples)).loss)
 
 
 def _train_lora(model, tok, task, steps: int, seed: int) -> None:
@@ -335,10 +339,7 @@ def _train_lora(model, tok, task, steps: int, seed: int) -> None:
     model.train()
     for _ in range(steps):
         picked = [task.train[i] for i in torch.randint(len(task.train), (16,), generator=gen).tolist()]
-        batch = tok([ex.source for ex in picked], padding=True, return_tensors="pt")
-        labels = tok(text_target=[ex.target for ex in picked], padding=True, return_tensors="pt")["input_ids"]
-        labels[labels == tok.pad_token_id] = -100
-        model(**batch, labels=labels).loss.backward()
+        model(**_training_batch(tok, picked)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()

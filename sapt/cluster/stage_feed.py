@@ -2,8 +2,8 @@
 
 A worker group lives for a whole sequence (its start-up costs tens of seconds: processes, imports,
 the process group), while the driver scores, registers and remembers between stages. So the driver
-posts each stage's inputs here, the workers pick them up and train, and rank 0 posts back where the
-stage's final checkpoint is. The feed makes each stage's dataset shards as Ray Train's own dataset
+posts each stage's inputs here, the workers pick them up and train, and rank 0 says when the stage's
+final checkpoint (``worker.checkpoint_dir_name``) is reported. The feed makes each stage's dataset shards as Ray Train's own dataset
 manager does (``DataConfig.configure``: the training stream split across ranks, the rest read whole
 by every rank), once per worker group: a group that Ray Train restarts after a failure gets fresh
 shards of the stage it resumes.
@@ -34,7 +34,7 @@ class StageFeed:
         self._data_config = ray.train.DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
         self._stages: dict[int, tuple[dict[str, Any], dict[str, Dataset]]] = {}
         self._shards: dict[tuple[int, str], list[dict]] = {}  # (stage, worker group) -> per-rank iterators
-        self._results: dict[int, dict[str, Any]] = {}
+        self._done: set[int] = set()  # stages whose final checkpoint is reported
         self._workers: dict[str, Any] = {}  # actor id -> handle of every worker that asked for a stage
         self._closed = False
         self._changed = asyncio.Condition()
@@ -62,17 +62,17 @@ class StageFeed:
                                                                 worker_handles=None, worker_node_ids=None)
             return {**inputs, "shards": self._shards[key][rank]}
 
-    async def post_result(self, number: int, result: dict[str, Any]) -> None:
-        """Rank 0: stage ``number`` is done (a restarted group may post it again; the first one stays)."""
+    async def post_done(self, number: int) -> None:
+        """Rank 0: stage ``number`` is done and its final checkpoint reported (a restarted group may
+        say so again)."""
         async with self._changed:
-            self._results.setdefault(number, result)
+            self._done.add(number)
             self._changed.notify_all()
 
-    async def take_result(self, number: int) -> dict[str, Any]:
-        """The driver: waits for stage ``number``'s result."""
+    async def wait_done(self, number: int) -> None:
+        """The driver: waits until stage ``number`` is done."""
         async with self._changed:
-            await self._changed.wait_for(lambda: number in self._results)
-            return self._results[number]
+            await self._changed.wait_for(lambda: number in self._done)
 
     async def close(self) -> list[Any]:
         """The driver: no more stages. Waiting workers end; returns every worker's handle, for the

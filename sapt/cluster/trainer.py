@@ -127,14 +127,14 @@ class SequenceTrainer:
         ray.get(self.feed.post_stage.remote(number, {
             "stage": stage.to_dict(), "init_state": init_state, "needs_memory": needs_memory,
         }, self._datasets(stage, memory_rows)))
-        pending = self.feed.take_result.remote(number)
+        pending = self.feed.wait_done.remote(number)
         while not ray.wait([pending], timeout=1.0)[0]:
             if not self._thread.is_alive():
                 raise self._no_workers() or self._error or RuntimeError(
                     f"the Ray Train run {self.name} ended before stage {number + 1}")
-        done = ray.get(pending)
-        kept = keep_checkpoint(f"{self.storage_path.rstrip('/')}/{self.name}/{done['checkpoint_dir_name']}",
-                               self.storage_path, f"{self.keep_as}-after-t{stage.row + 1:02d}")
+        ray.get(pending)
+        final = f"{self.storage_path.rstrip('/')}/{self.name}/{worker.checkpoint_dir_name(number, None)}"
+        kept = keep_checkpoint(final, self.storage_path, f"{self.keep_as}-after-t{stage.row + 1:02d}")
         with ray.train.Checkpoint(kept).as_directory() as directory:
             predictions = json.loads((Path(directory) / worker.PREDICTIONS_FILE).read_text())
             history = json.loads((Path(directory) / worker.HISTORY_FILE).read_text())
@@ -173,18 +173,8 @@ class SequenceTrainer:
 
 def keep_checkpoint(checkpoint_path: str, storage_path: str, name: str) -> str:
     """Copies a stage's final checkpoint beside the Train run (which deletes all but its newest two)
-    as ``storage_path/name``; returns the copy's path. Local or remote (pyarrow) storage."""
-    if "://" not in storage_path:
-        target = Path(storage_path) / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(checkpoint_path, target)
-        return str(target)
-    import pyarrow.fs
-
-    target = f"{storage_path.rstrip('/')}/{name}"
-    pyarrow.fs.copy_files(checkpoint_path, target)
-    return target
+    as ``storage_path/name``; returns the copy's path."""
+    return _copy_to_storage(checkpoint_path, storage_path, name)
 
 
 @contextlib.contextmanager
@@ -198,14 +188,20 @@ def local_state(checkpoint_path: str) -> Iterator[Path]:
 def place_state(local_state_dir: Path, storage_path: str, name: str) -> str:
     """Puts a method state from the driver where every worker reads stage inputs (the storage path);
     returns the path to pass as a stage's ``init_state``."""
+    return _copy_to_storage(str(local_state_dir), storage_path, name, into=worker.STATE_DIR)
+
+
+def _copy_to_storage(source: str, storage_path: str, name: str, into: str = "") -> str:
+    """Copies folder ``source`` to ``storage_path/name[/into]`` (replacing what was there), on local
+    or remote (pyarrow) storage; returns ``storage_path/name``."""
     if "://" not in storage_path:
         target = Path(storage_path).resolve() / name
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(local_state_dir, target / worker.STATE_DIR)
+        shutil.copytree(source, target / into)
         return str(target)
     import pyarrow.fs
 
     target = f"{storage_path.rstrip('/')}/{name}"
-    pyarrow.fs.copy_files(str(local_state_dir), f"{target}/{worker.STATE_DIR}")
+    pyarrow.fs.copy_files(source, f"{target}/{into}" if into else target)
     return target

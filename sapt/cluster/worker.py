@@ -117,7 +117,7 @@ def train_sequence(loop_config: dict) -> None:
         number = where["number"]
         if where["final"]:  # that stage ended, but the driver may not have heard
             if rank == 0:
-                ray.get(feed.post_result.remote(number, {"checkpoint_dir_name": checkpoint_dir_name(number, None)}))
+                ray.get(feed.post_done.remote(number))
             number, resumed = number + 1, None
     while True:
         # [1] The stage's inputs and this rank's dataset shards; None when the sequence is over.
@@ -129,7 +129,7 @@ def train_sequence(loop_config: dict) -> None:
         gc.collect()  # the stage's model and engine, before the next stage builds its own
         # [5] The driver copies the stage's final checkpoint and scores its predictions.
         if rank == 0:
-            ray.get(feed.post_result.remote(number, {"checkpoint_dir_name": checkpoint_dir_name(number, None)}))
+            ray.get(feed.post_done.remote(number))
         number += 1
 
 
