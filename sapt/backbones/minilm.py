@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, BertConfig, BertLMHeadModel, BertModel, 
 from sapt.backbones.types import Backbone
 from sapt.backbones.warmup import cached_weights, settings_key, span_reconstruction_warmup
 from sapt.data.cl_benchmark import list_tasks
-from sapt.data.embedded import VOCABULARY
+from sapt.data.embedded import VOCABULARY, vocabulary_digest
 from sapt.errors import SaptError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def corpus_spec(data_dir: str | os.PathLike | None, exclude_tasks: Sequence[str]
             task lacks its train.json.
     """
     if not data_dir:
-        return {"source": "vocabulary", "texts": _SYNTHETIC_TEXTS, "version": _CORPUS_VERSION}
+        return {"source": "vocabulary", "texts": _SYNTHETIC_TEXTS, "version": _CORPUS_VERSION,
+                "excluded_words": vocabulary_digest()}
     known = list_tasks(data_dir)
     if not known:
         raise SaptError("no SuperNI or Long_Sequence task folder for the warm-up", source=str(data_dir))

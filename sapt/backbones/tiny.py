@@ -205,7 +205,12 @@ def backbone_from_spec(spec: TinySpec, *, cache_dir: str | os.PathLike | None = 
     causal = spec.arch == "llama"
     tokenizer = embedded_tokenizer(causal=causal)
     torch_version = torch.__version__.split("+")[0]
-    settings = dataclasses.asdict(spec) | {"warmup_version": WARMUP_VERSION, "torch": torch_version}
+    from sapt.data.embedded import vocabulary_digest
+
+    # The warm-up texts leave out the embedded benchmark's words, so those words key the cache too.
+    settings = dataclasses.asdict(spec) | {
+        "warmup_version": WARMUP_VERSION, "torch": torch_version, "excluded_words": vocabulary_digest(),
+    }
     key = settings_key(settings)
     if spec.warmup_steps > 0:
         def default_warm_up(model: nn.Module) -> None:

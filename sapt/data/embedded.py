@@ -1,13 +1,20 @@
 """A small instruction benchmark the project generates itself, so a CL run needs no downloads.
 
-Every task reads the same kind of input (five distinct words from ``VOCABULARY``) and answers with one
-of those words; only the instruction says which word. A model trained on task B therefore answers
-task A's inputs with B's rule (forgetting is visible) and a router can only tell tasks apart by
-their instruction. Prompts use the Long Sequence template (sapt-method.md 4.5).
+Every task reads five distinct words and answers with one of them; the instruction says which one.
+As in a real task stream (SuperNI, Long Sequence), tasks differ both in their instruction and in
+their input domain: each task draws its words from its own theme (food, animals, landscape, things).
+The rules apply to any word list, so a model trained on task B answers task A's inputs with B's rule
+(forgetting is visible). Prompts use the Long Sequence template (sapt-method.md 4.5).
+
+Until 2026-12 every task drew from one shared word list, so the tasks differed only in 6-8
+instruction tokens. A max-pooled embedding query (SAPT's router, sapt-method.md 1.1) could not
+separate them on the tiny backbones: block 1 kept 75-93% of the attention of every task, and SAPT's
+result hung on rounding (docs/sapt.md, "Routing on the embedded benchmark").
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,13 +23,6 @@ from sapt.data.templates import long_sequence_prompt
 from sapt.data.types import Example, TaskData
 from sapt.errors import SaptError
 
-# Common nouns, each a single token of the embedded backbones' WordPiece tokenizer, none of them a
-# word of any instruction below (the answer must come from the input, never from the instruction).
-VOCABULARY: tuple[str, ...] = (
-    "apple", "river", "horse", "chair", "cloud", "garden", "window", "bread",
-    "stone", "forest", "candle", "ocean", "tiger", "violin", "rabbit", "mountain",
-    "pencil", "bottle", "castle", "doctor", "engine", "flower", "guitar", "island",
-)
 WORDS_PER_INPUT = 5
 
 
@@ -30,18 +30,52 @@ WORDS_PER_INPUT = 5
 class _Rule:
     instruction: str
     pick: Callable[[Sequence[str]], str]
+    words: tuple[str, ...]  # the task's input domain
 
 
-# Worded differently on purpose, not one template with a swapped ordinal, so that the instruction
-# carries a clear task signal for routing.
+# Common nouns, each a single token of the embedded backbones' WordPiece tokenizer, none of them a
+# word of any instruction below (the answer must come from the input, never from the instruction).
+# Instructions are worded differently on purpose, not one template with a swapped ordinal.
 _RULES: dict[str, _Rule] = {
-    "first-word": _Rule("Which word comes first in this list?", lambda words: words[0]),
-    "last-word": _Rule("Name the final item of the sequence below.", lambda words: words[-1]),
-    "second-word": _Rule("Tell me the second entry.", lambda words: words[1]),
-    "word-before-last": _Rule("Give the term right before the end.", lambda words: words[-2]),
+    "first-word": _Rule(
+        "Which word comes first in this list?", lambda words: words[0],
+        ("apple", "bread", "cheese", "butter", "orange", "lemon",
+         "rice", "soup", "cake", "honey", "sugar", "salt"),
+    ),
+    "last-word": _Rule(
+        "Name the final item of the sequence below.", lambda words: words[-1],
+        ("horse", "tiger", "rabbit", "wolf", "bear", "eagle",
+         "snake", "mouse", "sheep", "lion", "fox", "whale"),
+    ),
+    "second-word": _Rule(
+        "Tell me the second entry.", lambda words: words[1],
+        ("river", "cloud", "forest", "ocean", "mountain", "island",
+         "stone", "desert", "valley", "lake", "storm", "hill"),
+    ),
+    "word-before-last": _Rule(
+        "Give the term right before the end.", lambda words: words[-2],
+        ("chair", "window", "candle", "violin", "pencil", "bottle",
+         "guitar", "engine", "table", "mirror", "hammer", "lamp"),
+    ),
 }
 
 TASK_NAMES: list[str] = list(_RULES)
+# Every word any task can show; the backbones' warm-ups never see one of them.
+VOCABULARY: tuple[str, ...] = tuple(word for rule in _RULES.values() for word in rule.words)
+
+
+def vocabulary_digest() -> str:
+    """A short hash of ``VOCABULARY``: part of the warm-up cache keys, which exclude these words."""
+    return hashlib.sha256(" ".join(VOCABULARY).encode()).hexdigest()[:12]
+
+
+def task_words(name: str) -> tuple[str, ...]:
+    """The words task ``name`` draws its inputs (and so its answers) from.
+
+    Raises:
+        SaptError: ``name`` is not in ``TASK_NAMES`` (source ``order``).
+    """
+    return _rule(name).words
 
 
 def instruction(name: str) -> str:
@@ -94,7 +128,7 @@ def build_task(name: str, *, num_train: int, num_val: int, num_test: int, seed: 
             raise SaptError(f"must be a non-negative integer, got {size!r}", source="embedded", field=key)
     # A string seed goes through SHA-512 in random.Random, so it is stable across runs and Pythons.
     rng = random.Random(f"sapt-embedded:{seed}:{name}")
-    inputs = _distinct_inputs(rng, num_train + num_val + num_test)
+    inputs = _distinct_inputs(rng, rule.words, num_train + num_val + num_test)
 
     def examples(chunk: list[tuple[str, ...]]) -> list[Example]:
         out = []
@@ -122,13 +156,13 @@ def _rule(name: str) -> _Rule:
         ) from None
 
 
-def _distinct_inputs(rng: random.Random, count: int) -> list[tuple[str, ...]]:
-    # 24 words choose 5 in order gives 5.1 million inputs, so rejection of repeats stays cheap.
+def _distinct_inputs(rng: random.Random, words: Sequence[str], count: int) -> list[tuple[str, ...]]:
+    # 12 words choose 5 in order gives 95,040 inputs, so rejection of repeats stays cheap.
     seen: set[tuple[str, ...]] = set()
     out: list[tuple[str, ...]] = []
     while len(out) < count:
-        words = tuple(rng.sample(VOCABULARY, WORDS_PER_INPUT))
-        if words not in seen:
-            seen.add(words)
-            out.append(words)
+        drawn = tuple(rng.sample(words, WORDS_PER_INPUT))
+        if drawn not in seen:
+            seen.add(drawn)
+            out.append(drawn)
     return out
