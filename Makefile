@@ -1,4 +1,5 @@
-# make demo: set up .venv, install the project, run the main job on the embedded default.
+# make demo: set up .venv, install the project, run the main job on the embedded default:
+#   sequential LoRA, then SAPT-LoRA, on the same four tasks (one forgets, the other does not).
 # make test: the test suite (what CI runs).
 PYTHON ?= python3.11
 VENV := .venv
@@ -19,6 +20,7 @@ setup: $(BIN)/sapt
 
 demo: setup
 	$(BIN)/sapt run demo
+	$(BIN)/sapt run demo-sapt
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -19,12 +19,25 @@ EXIT_BAD_INPUT = 2
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from sapt.config import load_config
+    from sapt.console import Console, StageBars, log_path
     from sapt.runner import format_matrix, run_sequence
 
     run = load_config(args.config, args.set)
-    path = run_sequence(run, resume=args.resume)
-    results = json.loads(path.read_text())
-    _shutdown_ray()  # flush forwarded worker logs before our last line
+    console = Console(log_path(run.output_dir), verbose=args.verbose)
+    with console:
+        # Named once the input has passed its checks (a bad input gets its one error line only).
+        bars = StageBars(console.err, bars=False if args.verbose else None, intro=f"log: {console.path}")
+        try:
+            path = run_sequence(run, resume=args.resume, on_progress=bars)
+        except SaptError:
+            raise
+        except BaseException:
+            print(f"sapt: the run stopped; its full output is in {console.path}", file=console.err, flush=True)
+            raise
+        finally:
+            bars.close()
+            _shutdown_ray()  # its processes' last lines into the log, before ours
+        results = json.loads(path.read_text())
     ml = results["mlflow"]
     print(format_matrix(results))
     print(f"MLflow: experiment {ml['experiment_id']}, run {ml['run_id']}; "
@@ -175,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key; the value is YAML (order=[sst2,rte])")
     run.add_argument("--resume", action="store_true",
                      help="continue the newest interrupted run of this pool after its last registered task")
+    run.add_argument("--verbose", action="store_true",
+                     help="also show Ray's, DeepSpeed's and the workers' own output (always in OUTPUT_DIR/logs/)")
     run.set_defaults(handler=_cmd_run)
 
     registry = commands.add_parser("registry", help="adapter pools in the MLflow model registry")

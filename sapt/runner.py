@@ -43,7 +43,7 @@ def _single_scores(path: str, order: list[str]) -> list[float] | None:
 
 def run_sequence(run: RunConfig, *, resume: bool = False,
                  on_stage: Callable[[int, dict[str, float | None]], None] | None = None,
-                 run_tags: dict[str, str] | None = None) -> Path:
+                 run_tags: dict[str, str] | None = None, on_progress: Callable[[dict], None] | None = None) -> Path:
     """Runs the whole sequence and returns the path of results.json.
 
     Args:
@@ -52,6 +52,9 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
         on_stage: called after each stage with its matrix row and the metrics over the tasks so far
             (a sweep reports them to Tune).
         run_tags: extra tags on the MLflow parent run (a sweep's trial name).
+        on_progress: gets the run's progress events, for a console to draw: ``{"event": "stage",
+            "label"}`` as a stage starts, the workers' ``{"event": "work", ...}`` snapshots
+            (``SequenceTrainer``), ``{"event": "scores" | "note", "text"}``.
 
     Raises:
         SaptError: bad config, data, backbone, Ray address or MLflow URI (nothing registered then).
@@ -86,11 +89,15 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
         raise SaptError("--resume continues from the pool versions registered after each task, and this run "
                         "registers none", source="config", field="mlflow.register_pool")
     point = pool.resume_point() if resume else None
+    show = on_progress or (lambda event: None)
     if point is not None:
-        log.info("resuming run %s after task %d (%s), pool version %d", point.run_id, point.task_index + 1,
-                 names[point.task_index], point.pool_version)
+        note = (f"resuming run {point.run_id} after task {point.task_index + 1} ({names[point.task_index]}), "
+                f"pool version {point.pool_version}")
     elif resume:
-        log.info("resume: nothing of this sequence is registered in %s yet; starting from task 1", pool.name)
+        note = f"resume: nothing of this sequence is registered in {pool.name} yet; starting from task 1"
+    if resume:
+        log.info(note)
+        show({"event": "note", "text": note})
     # Ray first: an unreachable cluster must fail before a run is registered in MLflow.
     ensure_ray(run.ray.address, num_workers=run.num_workers, cpus_per_worker=run.ray.cpus_per_worker,
                use_gpu=run.ray.use_gpu)
@@ -114,12 +121,14 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
         # One worker group for every stage left: it starts once (tens of seconds), not per stage.
         trainer = SequenceTrainer(run, tasks, storage_path=storage, name=f"{tracker.run_id}-from-t{first + 1:02d}",
                                   first=first, keep_as=tracker.run_id, memory=memory_spec,
-                                  post_task_split=method.post_task_split) if first < len(stages) else None
+                                  post_task_split=method.post_task_split, on_progress=on_progress) \
+            if first < len(stages) else None
         with trainer or contextlib.nullcontext():
             for number in range(first, len(stages)):
                 stage = stages[number]
                 trained = [names[i] for i in stage.train_tasks]
                 log.info("stage %d/%d: training on %s", number + 1, len(stages), ", ".join(trained))
+                show({"event": "stage", "label": f"stage {number + 1}/{len(stages)} {'+'.join(trained)}"})
                 newest = stage.train_tasks[-1]
                 needs_memory = memory_spec is not None and number + 1 < len(stages)
                 result = trainer.run_stage(number, stage, init_state=None if stage.fresh else state,
@@ -128,8 +137,9 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                 state = result.checkpoint_path
                 scores = {i: _score(tasks[i], result.predictions[names[i]]) for i in stage.eval_tasks}
                 progress.add(stage.row, scores, result.attention, names)
-                log.info("after %s: %s", "+".join(trained),
-                         ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items()))
+                scored = f"after {'+'.join(trained)}: " + ", ".join(f"{names[i]} {v:.1f}" for i, v in scores.items())
+                log.info(scored)
+                show({"event": "scores", "text": scored})
                 tracker.stage(stage.row, trained, scores, result.history, progress.matrix, progress.routing)
                 if needs_memory:
                     memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path,

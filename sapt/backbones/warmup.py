@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from sapt.errors import SaptError
 
 logger = logging.getLogger(__name__)
+_TERMINAL = {"console": True}  # `sapt run` shows these records on the terminal (sapt/console.py)
 
 _WEIGHTS = "model.safetensors"
 _META = "warmup.json"
@@ -92,9 +93,10 @@ def cached_weights(
             logger.info("loaded warmed-up %s from %s", name, entry)
             return model
         start = time.perf_counter()
+        logger.info("warming up %s once; later runs read it from %s", name, entry, extra=_TERMINAL)
         warm_up(model)
         seconds = time.perf_counter() - start
-        logger.info("warmed up %s in %.1f s", name, seconds)
+        logger.info("warmed up %s in %.1f s", name, seconds, extra=_TERMINAL)
         meta = {"name": name, "key": key, "settings": settings or {}, "warmup_seconds": round(seconds, 1)}
         _write_entry(model, meta, entry)
     return model
@@ -228,7 +230,7 @@ def _log_progress(losses: list[float], steps: int, elapsed: float) -> None:
     left = (steps - done) * per_step
     logger.info(
         "warm-up step %d/%d loss %.3f, %.2f s/step, %s", done, steps, sum(recent) / len(recent), per_step,
-        f"about {left / 60:.1f} min left" if done < steps else f"done in {elapsed:.0f} s",
+        f"about {left / 60:.1f} min left" if done < steps else f"done in {elapsed:.0f} s", extra=_TERMINAL,
     )
 
 

@@ -35,6 +35,7 @@ class StageFeed:
         self._stages: dict[int, tuple[dict[str, Any], dict[str, Dataset]]] = {}
         self._shards: dict[tuple[int, str], list[dict]] = {}  # (stage, worker group) -> per-rank iterators
         self._done: set[int] = set()  # stages whose final checkpoint is reported
+        self._progress: dict[int, dict[str, dict]] = {}  # stage -> phase -> rank 0's newest snapshot
         self._workers: dict[str, Any] = {}  # actor id -> handle of every worker that asked for a stage
         self._closed = False
         self._changed = asyncio.Condition()
@@ -61,6 +62,16 @@ class StageFeed:
                 self._shards[key] = self._data_config.configure(datasets, world_size=self._world_size,
                                                                 worker_handles=None, worker_node_ids=None)
             return {**inputs, "shards": self._shards[key][rank]}
+
+    async def post_progress(self, number: int, snapshot: dict) -> None:
+        """Rank 0: where stage ``number`` is in one phase (steps or items done, loss...); the newest
+        of each phase is kept."""
+        self._progress.setdefault(number, {})[snapshot["phase"]] = snapshot
+
+    async def progress(self, number: int) -> dict[str, dict]:
+        """The driver: stage ``number``'s newest snapshot of each phase so far, in the order they began
+        (a phase shorter than the driver's polling interval is not missed)."""
+        return self._progress.get(number, {})
 
     async def post_done(self, number: int) -> None:
         """Rank 0: stage ``number`` is done and its final checkpoint reported (a restarted group may

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,15 +56,18 @@ class SequenceTrainer:
         first: the number (0-based, in ``Method.stages``) of the first stage this run trains.
         keep_as: stage results are kept as ``storage_path/{keep_as}-after-tNN`` (NN: the matrix row).
         memory, post_task_split: the method's memory spec and its post-task pass's split.
+        on_progress: called about once a second during a stage with rank 0's newest snapshot
+            (``{"event": "work", "phase": "train" | "eval" | "generator", "done", "total", ...}``).
     """
 
     def __init__(self, run: RunConfig, tasks: list[TaskData], *, storage_path: str, name: str, first: int,
-                 keep_as: str, memory: MemorySpec | None = None, post_task_split: str | None = None):
+                 keep_as: str, memory: MemorySpec | None = None, post_task_split: str | None = None,
+                 on_progress: Callable[[dict], None] | None = None):
         worker.quiet_ray_data()
         if "://" not in storage_path:
             storage_path = str(Path(storage_path).resolve())  # Ray Train rejects relative local paths
         self.run, self.tasks, self.storage_path, self.name, self.keep_as = run, tasks, storage_path, name, keep_as
-        self.memory, self.post_task_split = memory, post_task_split
+        self.memory, self.post_task_split, self.on_progress = memory, post_task_split, on_progress
         self.feed = StageFeed.remote(run.num_workers, ["train"])
         # Ray Train waits this long for the workers' placement group, then (controller_failure_limit 0)
         # fails instead of asking again forever. It reads the setting from the driver's environment.
@@ -128,11 +131,14 @@ class SequenceTrainer:
             "stage": stage.to_dict(), "init_state": init_state, "needs_memory": needs_memory,
         }, self._datasets(stage, memory_rows)))
         pending = self.feed.wait_done.remote(number)
+        shown: dict[str, dict] = {}
         while not ray.wait([pending], timeout=1.0)[0]:
             if not self._thread.is_alive():
                 raise self._no_workers() or self._error or RuntimeError(
                     f"the Ray Train run {self.name} ended before stage {number + 1}")
+            self._show_progress(number, shown)
         ray.get(pending)
+        self._show_progress(number, shown)  # the stage's last steps
         final = f"{self.storage_path.rstrip('/')}/{self.name}/{worker.checkpoint_dir_name(number, None)}"
         kept = keep_checkpoint(final, self.storage_path, f"{self.keep_as}-after-t{stage.row + 1:02d}")
         with ray.train.Checkpoint(kept).as_directory() as directory:
@@ -143,6 +149,15 @@ class SequenceTrainer:
         generator = Path(kept) / worker.GENERATOR_DIR
         return StageResult(checkpoint_path=kept, predictions=predictions, history=history, attention=attention,
                            generator_path=str(generator) if generator.is_dir() else None)
+
+    def _show_progress(self, number: int, shown: dict[str, dict]) -> None:
+        """Hands ``on_progress`` each phase's snapshot that changed since the last call (``shown``)."""
+        if self.on_progress is None:
+            return
+        for phase, snapshot in ray.get(self.feed.progress.remote(number)).items():
+            if shown.get(phase) != snapshot:
+                shown[phase] = snapshot
+                self.on_progress(snapshot)
 
     def _no_workers(self) -> SaptError | None:
         """The run's failure as a clear message when it was the wait for the workers' resources."""

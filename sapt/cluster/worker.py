@@ -47,13 +47,30 @@ STAGE_FILE = "stage.json"  # in every checkpoint: which stage (number in Method.
 
 
 def _say(rank: int, message: str) -> None:
-    """Progress goes to stderr from rank 0 only; Ray forwards it to the driver's stderr.
+    """A progress line on stderr, from rank 0 only; Ray forwards it to the driver, whose console
+    writes it into the run's log file (and to the terminal with ``--verbose``).
 
     Not ``print``: Train V2 patches print to also log the line, which shows it twice on the driver.
     """
     if rank == 0:
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
+
+
+class _Reporter:
+    """Rank 0's progress in one stage: a line into the log (stderr) and a snapshot to the feed, from
+    which the driver draws its bars. Snapshots are fire-and-forget: the feed keeps the newest."""
+
+    def __init__(self, feed, number: int, rank: int):
+        self.feed, self.number, self.rank = feed, number, rank
+
+    def __call__(self, phase: str, done: int, total: int | None, line: str | None = None, **fields) -> None:
+        if self.rank != 0:
+            return
+        self.feed.post_progress.remote(self.number, {"event": "work", "phase": phase, "done": done, "total": total,
+                                                     **fields})
+        if line:
+            _say(self.rank, line)
 
 
 @contextlib.contextmanager
@@ -124,7 +141,7 @@ def train_sequence(loop_config: dict) -> None:
         inputs = ray.get(feed.take_stage.remote(number, group[0], rank, me.get_actor_id(), me.current_actor))
         if inputs is None:
             return
-        _train_stage(run, number, inputs, task_names, rank, world, resumed)
+        _train_stage(run, number, inputs, task_names, rank, world, resumed, _Reporter(feed, number, rank))
         resumed = None
         gc.collect()  # the stage's model and engine, before the next stage builds its own
         # [5] The driver copies the stage's final checkpoint and scores its predictions.
@@ -134,7 +151,7 @@ def train_sequence(loop_config: dict) -> None:
 
 
 def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str], rank: int, world: int,
-                 resumed: ray.train.Checkpoint | None) -> None:
+                 resumed: ray.train.Checkpoint | None, reporter: _Reporter) -> None:
     """One stage on this worker: build, train (from ``resumed``, an epoch checkpoint of this stage,
     if given), post-task pass, evaluate, save; ends with the stage's final report."""
     from sapt.train.engine import build_engine, whole_trainable  # after DS_ACCELERATOR is set
@@ -175,9 +192,14 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
     balanced = BalancedMix(remembered, batch_size=run.train.batch_size, old_share=spec.old_share, rng=reflect_rng) \
         if spec is not None and spec.mix == "balanced" and remembered else None
     for epoch in range(len(history), run.train.epochs):
+        before = sum(h["steps"] for h in history)
+        # The stage's step count is known once one epoch has run (the shard streams).
+        total = history[0]["steps"] * run.train.epochs if history else None
 
-        def progress(step: int, loss: float, tps: float, epoch=epoch) -> None:
-            _say(rank, f"{label} epoch {epoch + 1}/{run.train.epochs} step {step} loss {loss:.4f} {tps:,.0f} tok/s/worker")
+        def progress(step: int, loss: float, tps: float, epoch=epoch, before=before, total=total) -> None:
+            reporter("train", before + step, total,
+                   f"{label} epoch {epoch + 1}/{run.train.epochs} step {step} loss {loss:.4f} {tps:,.0f} tok/s/worker",
+                   loss=loss, tokens_per_second=tps, epoch=epoch + 1, epochs=run.train.epochs)
 
         shuffle_seed = run.seed + 7919 * epoch + rank
         if balanced is not None:
@@ -200,8 +222,11 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
              "items": stats.items, "memory_items": stats.memory_items,
              "terms": {k: sum(v) / len(v) for k, v in stats.terms.items()}}
         )
-        _say(rank, f"{label} epoch {epoch + 1} done: {stats.steps} steps, loss {stats.mean_loss:.4f}, "
-                   f"{stats.tokens_per_second:,.0f} tok/s/worker, {stats.seconds:.1f}s")
+        reporter("train", before + stats.steps, history[0]["steps"] * run.train.epochs,
+               f"{label} epoch {epoch + 1} done: {stats.steps} steps, loss {stats.mean_loss:.4f}, "
+               f"{stats.tokens_per_second:,.0f} tok/s/worker, {stats.seconds:.1f}s",
+               loss=stats.mean_loss, tokens_per_second=stats.tokens_per_second, epoch=epoch + 1,
+               epochs=run.train.epochs)
         # [3] Engine state from every rank, the method's state and the loss history from rank 0.
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(str(Path(tmp) / ENGINE_DIR), tag=f"epoch{epoch + 1}", exclude_frozen_parameters=True)
@@ -219,7 +244,8 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
 
     synced = run.train.zero_stage == 3 and world > 1
     report = _post_task(engine.module, method, collator, run, rank, world, device, synced, stage, shards)
-    predictions, attention = _evaluate(engine, method, collator, run, rank, world, device, task_names, label, shards)
+    predictions, attention = _evaluate(engine, method, collator, run, rank, world, device, task_names, label, shards,
+                                       reporter)
     # [4] The stage's result: state for the next stage, predictions for the driver to score.
     with tempfile.TemporaryDirectory() as tmp:
         with whole_trainable(engine, run.train.zero_stage):
@@ -237,7 +263,7 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
         memory = method.memory()
         if memory is not None and memory.generator is not None and inputs["needs_memory"]:
             _train_generator(run, memory.generator, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR,
-                             shard)
+                             shard, reporter)
         ray.train.report(
             {"stage": number + 1, "epoch": run.train.epochs, "evaluated": 1},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -353,7 +379,7 @@ def _post_task(model, method: Method, collator, run, rank, world, device, synced
     return method.finish_task(model, stage.train_tasks[-1], sums, int(count)) or {}
 
 
-def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label, shards):
+def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label, shards, reporter):
     """Greedy-decodes this rank's share of the test prompts; rank 0 returns everyone's answers by task,
     and, for routing methods, per-task attention sums and how many inputs picked their own block."""
     rows = _my_rows(shards["eval"], rank, world)
@@ -375,9 +401,11 @@ def _evaluate(engine, method: Method, collator, run, rank, world, device, task_n
             if weights is not None:
                 _add_routing(routing, [c[0] for c in chunk], weights.float().cpu())
         done += len(chunk)
+        shown = min(done, len(rows))  # not the ZeRO-3 fillers
+        line = None
         if (number + 1) % 10 == 0 or number + 1 == len(chunks):
-            rate = done / (time.perf_counter() - start)
-            _say(rank, f"{label} eval {done}/{len(rows)} items on rank 0, {rate:.1f} items/s")
+            line = f"{label} eval {shown}/{len(rows)} items on rank 0, {shown / (time.perf_counter() - start):.1f} items/s"
+        reporter("eval", shown, len(rows), line)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (local, routing))
     if rank != 0:
@@ -407,7 +435,7 @@ def _add_routing(routing: dict[int, dict], tasks: list[int], weights) -> None:
         stats["own_block"] += int(best == task)
 
 
-def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path, shard) -> None:
+def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path, shard, reporter) -> None:
     """ARM: a fresh LoRA generator of the newest task's prompts, trained on this worker's shard
     (all ranks, one DeepSpeed engine) and saved by rank 0 as a PEFT adapter."""
     from sapt.train.engine import build_engine, whole_trainable
@@ -433,11 +461,14 @@ def _train_generator(run, settings, task_names, rank, device, label, out_dir: Pa
         batches = shard.iter_torch_batches(batch_size=run.train.batch_size, collate_fn=_Batches(),
                                            local_shuffle_buffer_size=256, local_shuffle_seed=run.seed + passes)
         stats = train_epoch(engine, _PlainLoss, batches, device=device, log_every=run.train.log_every,
-                            on_log=lambda *_: None, max_steps=settings.steps - steps)
+                            on_log=lambda step, loss, _tps, steps=steps: reporter(
+                                "generator", steps + step, settings.steps, loss=loss),
+                            max_steps=settings.steps - steps)
         if stats.steps == 0:
             break
         steps, passes = steps + stats.steps, passes + 1
-        _say(rank, f"{label} generator: {steps}/{settings.steps} steps, loss {stats.mean_loss:.4f}")
+        reporter("generator", steps, settings.steps, f"{label} generator: {steps}/{settings.steps} steps, "
+               f"loss {stats.mean_loss:.4f}", loss=stats.mean_loss)
     with whole_trainable(engine, run.train.zero_stage):
         if rank == 0:
             engine.module.save_pretrained(str(out_dir))
