@@ -27,17 +27,19 @@ def _cmd_run(args: argparse.Namespace) -> None:
     with console:
         # Named once the input has passed its checks (a bad input gets its one error line only).
         bars = StageBars(console.err, bars=False if args.verbose else None, intro=f"log: {console.path}")
+        ray_before = _ray_connected()  # a Ray that this call did not start is not ours to stop
         try:
             path = run_sequence(run, resume=args.resume, on_progress=bars)
-        except SaptError:
-            raise
-        except BaseException:
-            print(f"sapt: the run stopped; its full output is in {console.path}", file=console.err, flush=True)
-            raise
-        finally:
+        except BaseException as err:
             bars.close()
-            _shutdown_ray()  # its processes' last lines into the log, before ours
+            if not isinstance(err, SaptError):
+                print(f"sapt: the run stopped; its full output is in {console.path}", file=console.err, flush=True)
+            if not ray_before:
+                _shutdown_ray()  # its processes' last lines into the log, not onto the terminal
+            raise
+        bars.close()
         results = json.loads(path.read_text())
+        _shutdown_ray()  # its processes' last lines into the log, before ours
     ml = results["mlflow"]
     print(format_matrix(results))
     print(f"MLflow: experiment {ml['experiment_id']}, run {ml['run_id']}; "
@@ -164,6 +166,11 @@ def _cmd_stop(args: argparse.Namespace) -> None:
     from sapt.cluster import jobs
 
     print(jobs.stop(args.address, args.job_id))
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not connected (and importing it would only cost time)
+    return ray is not None and ray.is_initialized()
 
 
 def _shutdown_ray() -> None:

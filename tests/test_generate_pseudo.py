@@ -91,6 +91,6 @@ def test_the_job_writes_jsonl_rows_like_a_runs_memory(generator, local_ray, tmp_
     assert code == 0, captured.err[-3000:]
     assert captured.out.strip().splitlines()[-1] == str(out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert 1 <= len(rows) <= 3  # as a run keeps: 2% of 150 training items
+    assert 1 <= len(rows) <= 7  # as a run keeps: the demo-sapt preset's 5% of 150 training items
     assert all(set(r) == {"task", "source", "target"} and r["task"] == 1 and r["target"] == "" for r in rows)
     assert not list(out.parent.glob("*.partial"))

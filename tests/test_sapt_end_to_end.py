@@ -106,7 +106,7 @@ def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
     files = sorted((out_dir / "memory").glob("*.jsonl"))
     assert [f.name for f in files] == ["01-first-word.jsonl"]  # the last task is never replayed
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
-    assert len(rows) == 8  # max(1, floor(2% of 400 training items))
+    assert len(rows) == 20  # max(1, floor(memory_fraction 5% (the demo-sapt preset) of 400 training items))
     assert all(r["task"] == 0 and r["source"].strip() and r["target"] == "" for r in rows)
 
 
