@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sapt.backbones import shipped
-from sapt.backbones.tiny import TINY_SPECS, _settings, build_model, load_tiny, warmed_up_fresh
+from sapt.backbones.tiny import TINY_SPECS, _settings, build_model, load_tiny
 
 
 @pytest.mark.parametrize("name", sorted(TINY_SPECS))
@@ -52,11 +52,3 @@ def test_other_settings_do_not_use_them(shipped_copy):
     assert shipped.load_shipped("tiny-t5", {**_settings(spec), "warmup_version": 99}, lambda: build_model(spec)) is None
     # The torch version alone does not decide: the digest check does.
     assert shipped.load_shipped("tiny-t5", {**_settings(spec), "torch": "9.9.9"}, lambda: build_model(spec)) is not None
-
-
-@pytest.mark.slow
-def test_a_fresh_warm_up_reproduces_the_shipped_tiny_t5():
-    warmed, settings = warmed_up_fresh(TINY_SPECS["tiny-t5"])  # about 2 min on 2 cores
-    meta = json.loads((shipped.SHIPPED_DIR / "tiny-t5.json").read_text())
-    assert meta["settings"] == {k: v for k, v in settings.items() if k != "torch"}
-    assert shipped.state_digest(warmed) == meta["digest"]

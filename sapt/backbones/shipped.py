@@ -8,9 +8,11 @@ state. They are used only when the settings match (the spec, the warm-up version
 benchmark words it leaves out, not the torch version) and the rebuilt state has that digest;
 otherwise the backbone warms up as before.
 
-Regenerate after a change to a spec, the warm-up or the embedded benchmark's words:
+Regenerate after a change to a spec, the warm-up or the embedded benchmark's words; check that a
+fresh warm-up here reproduces them (a few minutes on 2 cores, so not part of the test suite):
 
     python -m sapt.backbones.shipped tiny-t5 tiny-llama
+    python -m sapt.backbones.shipped --check tiny-t5 tiny-llama
 """
 
 from __future__ import annotations
@@ -95,16 +97,26 @@ def write_shipped(name: str, warmed: nn.Module, fresh: nn.Module, settings: dict
     return path
 
 
-def main(names: list[str]) -> None:
+def main(argv: list[str]) -> int:
+    """Writes (or with ``--check`` compares against) the shipped weights of the named backbones."""
     from sapt.backbones.tiny import TINY_SPECS, build_model, warmed_up_fresh
 
-    for name in names:
+    check = "--check" in argv
+    failed = 0
+    for name in [a for a in argv if a != "--check"] or ["tiny-t5", "tiny-llama"]:
         spec = TINY_SPECS[name]
         warmed, settings = warmed_up_fresh(spec)
-        path = write_shipped(name, warmed, build_model(spec), settings)
-        print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if check:
+            meta = json.loads((SHIPPED_DIR / f"{name}.json").read_text())
+            same = meta["settings"] == _comparable(settings) and meta["digest"] == state_digest(warmed)
+            print(f"{name}: a fresh warm-up {'reproduces' if same else 'does NOT reproduce'} the shipped weights")
+            failed += not same
+        else:
+            path = write_shipped(name, warmed, build_model(spec), settings)
+            print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    main(sys.argv[1:] or ["tiny-t5", "tiny-llama"])
+    sys.exit(main(sys.argv[1:]))
