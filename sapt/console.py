@@ -4,7 +4,7 @@ Ray forwards every worker's and actor's output to the driver's stdout and stderr
 MLflow and the libraries' warnings write there too, from Python and from C++. ``Console`` points
 file descriptors 1 and 2 of the process (and of every process it starts) at a pipe whose reader
 copies all of it into ``output_dir/logs/run-*.log``, and also to the terminal with ``verbose``. Our
-own lines go to the terminal through copies of the original descriptors: stage bars (``StageBars``),
+own lines go to the terminal through a copy of the original stderr: stage bars (``StageBars``),
 log records marked ``extra={"console": True}``, warnings of our own loggers.
 """
 
@@ -31,7 +31,7 @@ def log_path(output_dir: str | os.PathLike) -> Path:
 
 
 class Console:
-    """Context manager: while open, descriptors 1 and 2 feed ``path``; ``out``/``err`` reach the terminal.
+    """Context manager: while open, descriptors 1 and 2 feed ``path``; ``err`` still reaches the terminal.
 
     Args:
         path: the log file (its folder is created).
@@ -40,7 +40,6 @@ class Console:
 
     def __init__(self, path: Path, *, verbose: bool = False):
         self.path, self.verbose = path, verbose
-        self.out: TextIO = sys.stdout
         self.err: TextIO = sys.stderr
         self._saved: dict[int, int] = {}
         self._reader: threading.Thread | None = None
@@ -48,7 +47,6 @@ class Console:
 
     def __enter__(self) -> Console:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.out = _terminal_copy(sys.stdout, 1)
         self.err = _terminal_copy(sys.stderr, 2)
         log_file = open(self.path, "ab", buffering=0)
         read_end, write_end = os.pipe()
@@ -78,9 +76,8 @@ class Console:
         # copied for as long as this process lives.
         if self._reader is not None:
             self._reader.join(timeout=1.0)
-        for stream in (self.out, self.err):
-            if stream not in (sys.stdout, sys.stderr):
-                stream.flush()
+        if self.err is not sys.stderr:
+            self.err.flush()
 
 
 def _for_terminal(record: logging.LogRecord) -> bool:

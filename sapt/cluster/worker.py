@@ -192,9 +192,7 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
     balanced = BalancedMix(remembered, batch_size=run.train.batch_size, old_share=spec.old_share, rng=reflect_rng) \
         if spec is not None and spec.mix == "balanced" and remembered else None
     for epoch in range(len(history), run.train.epochs):
-        before = sum(h["steps"] for h in history)
-        # The stage's step count is known once one epoch has run (the shard streams).
-        total = history[0]["steps"] * run.train.epochs if history else None
+        before, total = sum(h["steps"] for h in history), _stage_steps(history, run.train.epochs)
 
         def progress(step: int, loss: float, tps: float, epoch=epoch, before=before, total=total) -> None:
             reporter("train", before + step, total,
@@ -222,7 +220,7 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
              "items": stats.items, "memory_items": stats.memory_items,
              "terms": {k: sum(v) / len(v) for k, v in stats.terms.items()}}
         )
-        reporter("train", before + stats.steps, history[0]["steps"] * run.train.epochs,
+        reporter("train", before + stats.steps, _stage_steps(history, run.train.epochs),
                f"{label} epoch {epoch + 1} done: {stats.steps} steps, loss {stats.mean_loss:.4f}, "
                f"{stats.tokens_per_second:,.0f} tok/s/worker, {stats.seconds:.1f}s",
                loss=stats.mean_loss, tokens_per_second=stats.tokens_per_second, epoch=epoch + 1,
@@ -269,6 +267,11 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=checkpoint_dir_name(number, None),
         )
+
+
+def _stage_steps(history: list[dict], epochs: int) -> int | None:
+    """The stage's step count, known once one epoch has run (the shard streams)."""
+    return history[0]["steps"] * epochs if history else None
 
 
 def _my_rows(iterator, rank: int, world: int) -> list[tuple[int, int, str, str]]:
