@@ -101,7 +101,9 @@ def _kill_between_tasks(out_dir: Path) -> dict:
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
-            if _has_alias(db, POOL, "after-t01"):
+            # `newest` is the registration's last write (after after-t01): killing on the first alias
+            # could land between the two.
+            if _has_alias(db, POOL, "after-t01") and _has_alias(db, POOL, "newest"):
                 break
             time.sleep(0.3)
         assert proc.poll() is None, "the run ended before it could be killed between tasks"

@@ -428,3 +428,17 @@ def test_resume_continues_the_newest_run_after_its_last_registered_task(lora, tm
     assert (point.task_index, point.pool_version, point.run_id) == (0, 3, second_run)
     other_backbone = SequencePool(**{**pool.__dict__, "backbone_identity": BACKBONE + "@elsewhere"})
     assert other_backbone.resume_point() is None
+
+
+def test_resume_restores_the_aliases_a_kill_between_their_writes_left_out(lora, tmp_path):
+    from sapt.registry.sequence_pool import SequencePool
+
+    uri, run_id = _store(tmp_path)
+    pool = SequencePool(tracking_uri=uri, name="half-aliased", order=ORDER, method="sapt-lora", method_args={},
+                        pet=PET.model_dump(), backbone_spec=BACKBONE, backbone_identity=lora["identity"], backbone_args={},
+                        benchmark="embedded", generation=GEN)
+    _register(uri, "half-aliased", lora, 0, run_id)
+    client = MlflowClient(uri)
+    client.delete_registered_model_alias("half-aliased", "newest")  # the run died after writing after-t01
+    assert pool.resume_point().pool_version == 1
+    assert client.get_registered_model("half-aliased").aliases == {"after-t01": 1, "newest": 1}

@@ -344,6 +344,11 @@ def register_task(
     return PoolVersion(pool_name, task_index, pool_version, state_version, tuple(block_versions), created=True)
 
 
+def restore_aliases(tracking_uri: str, pool_name: str, version: int, task_index: int) -> None:
+    """Sets a registered task's aliases again: a run killed between its two alias writes left one out."""
+    _set_aliases(connect(tracking_uri), pool_name, version, task_index)
+
+
 def _set_aliases(client: MlflowClient, pool_name: str, version: int, task_index: int) -> None:
     """after-tNN on this version; ``newest`` on the highest version number (never moved back)."""
     client.set_registered_model_alias(pool_name, after_alias(task_index), str(version))

@@ -124,4 +124,5 @@ class SequencePool:
         done = pool_store.complete_pool_versions(self.tracking_uri, self.name, self.order, method=self.method,
                                                  backbone_identity=self.backbone_identity, source_run_id=run_id)
         task = max(done)
+        pool_store.restore_aliases(self.tracking_uri, self.name, done[task], task)
         return ResumePoint(task_index=task, pool_version=done[task], run_id=run_id)
