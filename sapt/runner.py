@@ -116,6 +116,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                          rows=[s.row for s in stages if s.row <= point.task_index])
         done = point.task_index
     started = time.perf_counter()
+    timing: list[dict] = []  # where each stage this process trained spent its time
     first = next((number for number, stage in enumerate(stages) if stage.row > done), len(stages))
     try:
         # One worker group for every stage left: it starts once (tens of seconds), not per stage.
@@ -131,6 +132,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                 show({"event": "stage", "label": f"stage {number + 1}/{len(stages)} {'+'.join(trained)}"})
                 newest = stage.train_tasks[-1]
                 needs_memory = memory_spec is not None and number + 1 < len(stages)
+                stage_started = time.perf_counter()
                 result = trainer.run_stage(number, stage, init_state=None if stage.fresh else state,
                                            memory_rows=[r for i in sorted(memory) if i < newest for r in memory[i]],
                                            needs_memory=needs_memory)
@@ -141,13 +143,20 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                 log.info(scored)
                 show({"event": "scores", "text": scored})
                 tracker.stage(stage.row, trained, scores, result.history, progress.matrix, progress.routing)
+                spent = {"stage": number + 1, "tasks": trained,
+                         "train_seconds": round(sum(epoch["seconds"] for epoch in result.history), 1),
+                         **({"generator": result.generator_training} if result.generator_training else {})}
                 if needs_memory:
+                    remember_started = time.perf_counter()
                     memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path,
                                                             output_dir)
+                    spent["memory_seconds"] = round(time.perf_counter() - remember_started, 1)
                     tracker.log_memory(memory_file)
                     if result.generator_path:
                         uri = tracker.log_generator(result.generator_path, memory_file.stem)
                         log.info("%s's pseudo-sample generator: %s", names[newest], uri)
+                spent["seconds"] = round(time.perf_counter() - stage_started, 1)
+                timing.append(spent)
                 tracker.log_progress(progress.to_json())
                 so_far = progress.metrics_so_far(stage.row, single)
                 if pool is not None:  # last: the pool version is what --resume trusts
@@ -176,6 +185,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "run_id": tracker.run_id},
         **({"pool": {"name": pool.name, "uri": f"models:/{pool.name}@after-t{len(tasks):02d}"}} if pool else {}),
         "seconds": round(time.perf_counter() - started, 1),
+        "timing": timing,
     }
     path = output_dir / "results.json"
     path.write_text(json.dumps(results, indent=2))

@@ -41,6 +41,7 @@ class StageResult:
     history: list[dict]  # per-epoch training stats
     attention: dict | None  # routing diagnostics of methods that route (worker.ATTENTION_FILE)
     generator_path: str | None  # ARM: the newest task's pseudo-sample generator (a PEFT adapter folder)
+    generator_training: dict | None = None  # ARM: its steps, seconds and losses (worker.GENERATOR_FILE)
 
 
 class SequenceTrainer:
@@ -146,9 +147,12 @@ class SequenceTrainer:
             history = json.loads((Path(directory) / worker.HISTORY_FILE).read_text())
             attention_file = Path(directory) / worker.ATTENTION_FILE
             attention = json.loads(attention_file.read_text()) if attention_file.exists() else None
+            generator_file = Path(directory) / worker.GENERATOR_FILE
+            generator_training = json.loads(generator_file.read_text()) if generator_file.exists() else None
         generator = Path(kept) / worker.GENERATOR_DIR
         return StageResult(checkpoint_path=kept, predictions=predictions, history=history, attention=attention,
-                           generator_path=str(generator) if generator.is_dir() else None)
+                           generator_path=str(generator) if generator.is_dir() else None,
+                           generator_training=generator_training)
 
     def _show_progress(self, number: int, shown: dict[str, dict]) -> None:
         """Hands ``on_progress`` each phase's snapshot that changed since the last call (``shown``)."""

@@ -43,6 +43,7 @@ PREDICTIONS_FILE = "predictions.json"
 HISTORY_FILE = "history.json"
 ATTENTION_FILE = "attention.json"  # routing diagnostics, for methods that route
 POST_TASK_FILE = "post_task.json"  # what the method's finish_task reported
+GENERATOR_FILE = "generator.json"  # ARM: how the generator's training went (steps, seconds, window losses)
 STAGE_FILE = "stage.json"  # in every checkpoint: which stage (number in Method.stages) and whether it ended
 
 
@@ -260,8 +261,10 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
         del engine  # the generator below needs the memory more
         memory = method.memory()
         if memory is not None and memory.generator is not None and inputs["needs_memory"]:
-            _train_generator(run, memory.generator, task_names, rank, device, label, Path(tmp) / GENERATOR_DIR,
-                             shard, reporter)
+            trained = _train_generator(run, memory.generator, task_names, rank, device, label,
+                                       Path(tmp) / GENERATOR_DIR, shard, reporter)
+            if rank == 0:
+                (Path(tmp) / GENERATOR_FILE).write_text(json.dumps(trained))
         ray.train.report(
             {"stage": number + 1, "epoch": run.train.epochs, "evaluated": 1},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -438,12 +441,18 @@ def _add_routing(routing: dict[int, dict], tasks: list[int], weights) -> None:
         stats["own_block"] += int(best == task)
 
 
-def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path, shard, reporter) -> None:
+def _train_generator(run, settings, task_names, rank, device, label, out_dir: Path, shard, reporter) -> dict:
     """ARM: a fresh LoRA generator of the newest task's prompts, trained on this worker's shard
-    (all ranks, one DeepSpeed engine) and saved by rank 0 as a PEFT adapter."""
+    (all ranks, one DeepSpeed engine) and saved by rank 0 as a PEFT adapter. Stops at
+    ``settings.steps`` or, with ``settings.min_improvement``, once its loss stops falling.
+
+    Returns: {"steps", "max_steps", "seconds", "stopped_early", "window_losses"} (means over ranks).
+    """
     from sapt.train.engine import build_engine, whole_trainable
     from sapt.train.loop import train_epoch
+    from sapt.train.plateau import Plateau
 
+    started = time.perf_counter()
     backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
     model = new_generator(backbone, settings).to(device)
     gen_train = run.train.model_copy(update={"lr": settings.lr, "grad_accum": 1})
@@ -459,19 +468,27 @@ def _train_generator(run, settings, task_names, rank, device, label, out_dir: Pa
         def loss(model, batch, reflect=None):
             return model(**batch).loss, {}  # generator batches carry no task/memory keys
 
-    steps, passes = 0, 0
-    while steps < settings.steps:
+    def mean_over_ranks(value: float) -> float:
+        total = torch.tensor([value], device=device)
+        dist.all_reduce(total)
+        return float(total) / dist.get_world_size()
+
+    plateau = Plateau(settings.stop_window, settings.min_improvement, reduce=mean_over_ranks)
+    steps, passes, stopped = 0, 0, False
+    while steps < settings.steps and not stopped:
         batches = shard.iter_torch_batches(batch_size=run.train.batch_size, collate_fn=_Batches(),
                                            local_shuffle_buffer_size=256, local_shuffle_seed=run.seed + passes)
         stats = train_epoch(engine, _PlainLoss, batches, device=device, log_every=run.train.log_every,
                             on_log=lambda step, loss, _tps, steps=steps: reporter(
                                 "generator", steps + step, settings.steps, loss=loss),
-                            max_steps=settings.steps - steps)
+                            max_steps=settings.steps - steps, should_stop=plateau.update)
         if stats.steps == 0:
             break
-        steps, passes = steps + stats.steps, passes + 1
+        steps, passes, stopped = steps + stats.steps, passes + 1, stats.stopped
         reporter("generator", steps, settings.steps, f"{label} generator: {steps}/{settings.steps} steps, "
-               f"loss {stats.mean_loss:.4f}", loss=stats.mean_loss)
+               f"loss {stats.mean_loss:.4f}" + (" (loss stopped falling)" if stopped else ""), loss=stats.mean_loss)
     with whole_trainable(engine, run.train.zero_stage):
         if rank == 0:
             engine.module.save_pretrained(str(out_dir))
+    return {"steps": steps, "max_steps": settings.steps, "seconds": round(time.perf_counter() - started, 1),
+            "stopped_early": stopped, "window_losses": [round(m, 4) for m in plateau.means]}

@@ -107,6 +107,10 @@ class GeneratorSettings:
     top_k: int
     repetition_penalty: float
     max_new_tokens: int
+    # Training stops early once a window's mean loss is less than min_improvement below the best
+    # window before it (sapt.train.plateau); min_improvement 0 runs all ``steps``.
+    stop_window: int = 25
+    min_improvement: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,13 @@ class SaptArgs(BaseModel):
     generator_lora_dropout: float = Field(0.1, ge=0, lt=1)
     generator_top_k: int = Field(20, ge=1)
     generator_repetition_penalty: float = Field(2.5, gt=0)
-    generator_max_new_tokens: int = Field(128, ge=1)
+    generator_max_new_tokens: int = Field(
+        64, ge=1, description="Pseudo prompt length: the generator learns each prompt's first this many tokens "
+                              "(instruction + head of the input: what routing reads) and samples up to it.")
+    generator_stop_window: int = Field(25, ge=1, description="Steps per window of the generator's stopping rule.")
+    generator_min_improvement: float = Field(
+        0.02, ge=0, lt=1, description="Stop the generator once a window's mean loss is not this much (relative) "
+                                     "below the best window before it; 0 runs all generator_steps.")
 
 
 class SaptPromptArgs(SaptArgs):
@@ -234,6 +240,7 @@ class _Sapt(Method):
             steps=a.generator_steps, lr=a.generator_lr, lora_r=a.generator_lora_r, lora_alpha=a.generator_lora_alpha,
             lora_dropout=a.generator_lora_dropout, top_k=a.generator_top_k,
             repetition_penalty=a.generator_repetition_penalty, max_new_tokens=a.generator_max_new_tokens,
+            stop_window=a.generator_stop_window, min_improvement=a.generator_min_improvement,
         ) if kind[0] == "pseudo" else None
         return MemorySpec(source=kind[0], use=kind[1], fraction=a.memory_fraction, generator=generator)
 

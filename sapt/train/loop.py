@@ -20,6 +20,7 @@ class EpochStats:
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     terms: dict[str, list[float]] = field(default_factory=dict)  # the method's extra loss terms
+    stopped: bool = False  # should_stop ended the epoch before its batches did
 
     @property
     def mean_loss(self) -> float:
@@ -40,6 +41,7 @@ def train_epoch(
     on_log: Callable[[int, float, float], None],
     reflect: Callable[[], dict[int, dict[str, torch.Tensor]]] | None = None,
     max_steps: int | None = None,
+    should_stop: Callable[[float], bool] | None = None,
 ) -> EpochStats:
     """Runs ``method.loss`` + backward + step over ``batches`` (micro-batches).
 
@@ -47,6 +49,8 @@ def train_epoch(
         on_log: called every ``log_every`` micro-batches with (step, mean recent loss, tokens/s).
         reflect: draws, per micro-batch, one batch of remembered inputs per earlier task.
         max_steps: stop after this many micro-batches.
+        should_stop: called with each micro-batch's loss; True ends the epoch after that step
+            (``stopped`` is then set). It must answer alike on every rank.
     """
     engine.train()
     stats = EpochStats()
@@ -77,5 +81,8 @@ def train_epoch(
             elapsed = time.perf_counter() - start
             on_log(stats.steps, sum(recent) / len(recent), stats.tokens / elapsed if elapsed else 0.0)
             recent.clear()
+        if should_stop is not None and should_stop(value):
+            stats.stopped = True
+            break
     stats.seconds = time.perf_counter() - start
     return stats
