@@ -110,6 +110,25 @@ def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
     assert all(r["task"] == 0 and r["source"].strip() and r["target"] == "" for r in rows)
 
 
+def test_the_results_say_where_each_stage_spent_its_time(sapt_run):
+    results, _ = sapt_run
+    first, second = results["timing"]
+    assert [first["tasks"], second["tasks"]] == [["first-word"], ["last-word"]]
+    generator = first["generator"]  # the last task trains none: nothing is left to remember it for
+    assert "generator" not in second and "memory_seconds" not in second
+    assert first["seconds"] >= first["train_seconds"] + generator["seconds"] + first["memory_seconds"] - 1
+    assert 0 < generator["steps"] <= generator["max_steps"] == 100
+    windows = generator["window_losses"]
+    assert len(windows) == generator["steps"] // 25  # the default stop window
+    # The default rule: every window but the last fell at least 2% below the best before it (or it
+    # would have stopped there), and it stopped early only at a window that did not.
+    for k in range(1, len(windows) - 1):
+        assert windows[k] <= min(windows[:k]) * 0.98, windows
+    assert generator["stopped_early"] == (generator["steps"] < 100)
+    if generator["stopped_early"]:
+        assert windows[-1] > min(windows[:-1]) * 0.98, windows
+
+
 def test_the_generation_job_rewrites_the_runs_pseudo_prompts_from_the_logged_generator(sapt_run, local_ray, tmp_path,
                                                                                        capsys):
     from jobs.generate_pseudo import main

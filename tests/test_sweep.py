@@ -127,6 +127,18 @@ def test_resume_of_a_finished_sweep_reruns_nothing(sweep):
 
 
 @pytest.mark.slow
+def test_the_console_shows_trial_progress_and_the_log_file_the_rest(sweep):
+    console = sweep["first"].stderr
+    first_log = min((sweep["out_dir"] / "logs").glob("run-*.log")).read_text()  # names start with the time
+    assert f"log: {sweep['out_dir'] / 'logs'}" in console
+    for line in ("2 trials over first-word -> last-word", ": started (", "after task 2, validation AP", "best trial"):
+        assert line in console, line
+    # Ray's, Tune's and the trials' own lines are in the log file only.
+    assert "Started training worker group" in first_log and "Started training worker group" not in console
+    assert len(console.splitlines()) < 30, console
+
+
+@pytest.mark.slow
 def test_resume_of_an_interrupted_sweep_keeps_the_finished_trial(interrupted_sweep):
     run = interrupted_sweep
     trials = run["trials"]
@@ -295,7 +307,7 @@ def test_order_values(given, order):
     assert _parse_order(given) == order
 
 
-def test_the_command_prints_the_best_path_or_json_for_several_orders(monkeypatch, capsys):
+def test_the_command_prints_the_best_path_or_json_for_several_orders(monkeypatch, capsys, tmp_path):
     import argparse
 
     from sapt.tuning import sweep as sweep_module
@@ -305,7 +317,10 @@ def test_the_command_prints_the_best_path_or_json_for_several_orders(monkeypatch
     add_sweep_command(parser.add_subparsers(dest="command", required=True))
     asked = []
     best = {"long-3": Path("/s/best-long-3.yaml"), "long-4": Path("/s/best-long-4.yaml")}
-    monkeypatch.setattr(sweep_module, "run_sweep", lambda request: asked.append(request) or best)
+    # The orders' data is not here: the plan is the request as given, and the sweep returns `best`.
+    monkeypatch.setattr(sweep_module, "plan_sweep", lambda request: asked.append(request) or sweep_module.SweepPlan(
+        request, "x", tmp_path / "sweep", {}, None, {}))
+    monkeypatch.setattr(sweep_module, "execute_sweep", lambda plan: best)
     args = parser.parse_args(["sweep", "demo-sapt", "--order", "long-3", "--order", "long-4", "--samples", "4",
                               "--set", "seed=1"])
     args.handler(args)

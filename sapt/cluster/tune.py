@@ -14,6 +14,7 @@ from ray import tune
 from sapt.cluster.session import ensure_ray
 
 log = logging.getLogger("sapt.sweep")  # the sweep's own lines, as sapt.tuning.sweep writes them
+CONSOLE = {"console": True}  # progress for the terminal too (sapt.console), not only the log file
 
 # ASHA keeps the best 1/REDUCTION of the trials at each task count it compares them at.
 REDUCTION = 2
@@ -64,10 +65,10 @@ def tune_order(driver: Callable[..., None], setup: Any, *, dimensions: Sequence[
     trainable = tune.with_parameters(_trainable, driver=driver, setup=setup)
     path = storage / label
     if tune.Tuner.can_restore(str(path)):
-        log.info("%s: resuming the Tune experiment in %s (finished trials are kept)", label, path)
+        log.info("%s: resuming the Tune experiment in %s (finished trials are kept)", label, path, extra=CONSOLE)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        log.info("%s: %d trials over %s", label, samples, " -> ".join(tasks))
+        log.info("%s: %d trials over %s", label, samples, " -> ".join(tasks), extra=CONSOLE)
         tuner = tune.Tuner(
             trainable,
             param_space=domains(dimensions),
@@ -122,12 +123,16 @@ class _ProgressLog(tune.Callback):
     def __init__(self, label: str, metric: str, time_attr: str):
         self.label, self.metric, self.time_attr = label, metric, time_attr
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        log.info("%s %s: started (%s)", self.label, trial.trial_id, _values(trial.config), extra=CONSOLE)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         log.info("%s %s: after task %s, validation AP %.2f (%s)", self.label, trial.trial_id,
-                 result.get(self.time_attr), result.get(self.metric, float("nan")), _values(trial.config))
+                 result.get(self.time_attr), result.get(self.metric, float("nan")), _values(trial.config),
+                 extra=CONSOLE)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        log.info("%s %s: ended", self.label, trial.trial_id)
+        log.info("%s %s: ended", self.label, trial.trial_id, extra=CONSOLE)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         log.warning("%s %s: failed (see %s/error.txt)", self.label, trial.trial_id, trial.path)

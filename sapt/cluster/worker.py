@@ -491,4 +491,4 @@ def _train_generator(run, settings, task_names, rank, device, label, out_dir: Pa
         if rank == 0:
             engine.module.save_pretrained(str(out_dir))
     return {"steps": steps, "max_steps": settings.steps, "seconds": round(time.perf_counter() - started, 1),
-            "stopped_early": stopped, "window_losses": [round(m, 4) for m in plateau.means]}
+            "stopped_early": stopped and steps < settings.steps, "window_losses": [round(m, 4) for m in plateau.means]}

@@ -1,7 +1,8 @@
 """`sapt sweep`: argument parsing only. ``add_sweep_command`` plugs it into the `sapt` parser.
 
-Logs go to stderr; the last stdout line is the best config's YAML path (one order), or a JSON object
-order -> path (several).
+The sweep's progress goes to stderr, everything Ray, Tune and the trials print to the sweep folder's
+logs/run-*.log (``--verbose``: to stderr too); the last stdout line is the best config's YAML path (one
+order), or a JSON object order -> path (several).
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ import json
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from sapt.tuning.sweep import SweepRequest, run_sweep
+    from sapt.console import Console, log_path
+    from sapt.tuning import sweep
 
-    best = run_sweep(SweepRequest(
+    plan = sweep.plan_sweep(sweep.SweepRequest(  # a bad request fails here, before the log folder exists
         config=args.config, overrides=args.set, space=args.space, orders=args.order, samples=args.samples,
         concurrent=args.concurrent, name=args.name, output=args.output, resume=args.resume,
     ))
+    # Ray's, Tune's and the trials' own output goes to the sweep's log file; the terminal gets our
+    # progress lines (each trial's start, per-task validation AP, end, the best config).
+    console = Console(log_path(plan.folder), verbose=args.verbose)
+    with console:
+        print(f"log: {console.path}", file=console.err, flush=True)
+        best = sweep.execute_sweep(plan)
     if len(best) == 1:
         print(next(iter(best.values())))
     else:
@@ -44,5 +52,7 @@ def add_sweep_command(subparsers) -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true",
                        help="continue the interrupted sweep in the folder (fails if there is none; an existing "
                             "folder is resumed even without it)")
+    sweep.add_argument("--verbose", action="store_true",
+                       help="also show Ray's, Tune's and the trials' own output (it always goes to the sweep's log file)")
     sweep.set_defaults(handler=_cmd_sweep)
     return sweep

@@ -34,6 +34,7 @@ from sapt.tuning.space import load_space
 from sapt.tuning.trial import METRIC, TIME_ATTR, TrialSetup, run_trial
 
 log = logging.getLogger("sapt.sweep")
+CONSOLE = {"console": True}  # a line for the terminal too (sapt.console), not only the log file
 
 RECORD_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -65,12 +66,24 @@ class SweepRequest:
     resume: bool = False
 
 
-def run_sweep(request: SweepRequest) -> dict[str, Path]:
-    """Runs (or resumes) the sweep; returns order label -> the best config's YAML path.
+@dataclass(frozen=True)
+class SweepPlan:
+    """A checked request: what ``execute_sweep`` runs. Making one writes nothing."""
+
+    request: SweepRequest
+    name: str
+    folder: Path
+    base: dict
+    space: Any
+    orders: dict[str, tuple[str | list[str], list[str]]]
+
+
+def plan_sweep(request: SweepRequest) -> SweepPlan:
+    """Checks the request (config, space file, orders and their data, a resume's folder) before
+    anything is written or started.
 
     Raises:
-        SaptError: a bad config, space file or order (before any trial starts), a resume that does
-            not match the sweep in the folder, or an order none of whose trials completed.
+        SaptError: naming the file or option and the key at fault.
     """
     if request.samples < 1 or request.concurrent < 1:
         raise SaptError("must be at least 1", source="--samples" if request.samples < 1 else "--concurrent")
@@ -81,15 +94,33 @@ def run_sweep(request: SweepRequest) -> dict[str, Path]:
     space = load_space(request.space or _default_space(base["method"]))
     check_space(space, base)
     orders = _plan_orders(base, request.orders)
-    name = request.name or _default_name(request.config)
-    folder = Path(request.output or Path("runs") / "sweeps" / name).resolve()
+    folder = sweep_folder(request)
+    if request.resume and not (folder / RECORD_FILE).is_file():
+        raise SaptError("--resume: no sweep to resume here", source=str(folder))
+    return SweepPlan(request, request.name or _default_name(request.config), folder, base, space, orders)
+
+
+def run_sweep(request: SweepRequest) -> dict[str, Path]:
+    """Runs (or resumes) the sweep; returns order label -> the best config's YAML path.
+
+    Raises:
+        SaptError: a bad config, space file or order (before any trial starts), a resume that does
+            not match the sweep in the folder, or an order none of whose trials completed.
+    """
+    return execute_sweep(plan_sweep(request))
+
+
+def execute_sweep(plan: SweepPlan) -> dict[str, Path]:
+    """``run_sweep`` of a checked request."""
+    request, name, folder, base, space, orders = (plan.request, plan.name, plan.folder, plan.base, plan.space,
+                                                   plan.orders)
     record = {"name": name, "base": base, "space": space.to_json(), "orders": {k: v[0] for k, v in orders.items()},
               "samples": request.samples, "concurrent": request.concurrent, "seed": base["seed"]}
     record = _start_or_resume(folder, record, request.resume)
     uri = tracking.sweep_tracking_uri(base["mlflow"]["tracking_uri"], folder)
     experiment_id = tracking.prepare_experiment(uri, name, folder)
     log.info("sweep %s in %s: %d order(s) x %d samples, MLflow experiment %r at %s", name, folder, len(orders),
-             record["samples"], name, uri)
+             record["samples"], name, uri, extra=CONSOLE)
     started = time.perf_counter()
     outcome: dict[str, dict] = {}
     stopper = start_ray(base, record["concurrent"])
@@ -128,7 +159,7 @@ def _write_outputs(folder: Path, record: dict, base: dict, outcome: dict[str, di
                          "mlflow_run_id": best["mlflow_run_id"], "config": str(path)}
         best_paths[label] = path
         log.info("%s: best trial %s, validation AP %.2f: %s -> %s", label, best["trial"], best[METRIC],
-                 best["values"], path)
+                 best["values"], path, extra=CONSOLE)
     data = {"sweep": record["name"], "folder": str(folder), "metric": f"{METRIC}: validation AP after the last task",
             "space": record["space"], "samples": record["samples"],
             "mlflow": {"tracking_uri": uri, "experiment": record["name"]},
@@ -157,7 +188,7 @@ def _start_or_resume(folder: Path, record: dict, insist: bool) -> dict:
         raise SaptError(f"the sweep in {folder} was started with a different {key} ({len(differing)} key(s) "
                         "differ); resume it with its own command, or pass another --name or --output",
                         source=str(file), field=key)
-    log.info("resuming the sweep in %s", folder)
+    log.info("resuming the sweep in %s", folder, extra=CONSOLE)
     return saved
 
 
@@ -208,6 +239,11 @@ def _order_label(order: str | list[str], names: list[str]) -> str:
     if len(label) <= 80:
         return label
     return f"{names[0]}+{len(names) - 1}-more-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
+
+
+def sweep_folder(request: SweepRequest) -> Path:
+    """Where the sweep keeps its trials, summary and logs: ``--output``, else runs/sweeps/NAME."""
+    return Path(request.output or Path("runs") / "sweeps" / (request.name or _default_name(request.config))).resolve()
 
 
 def _default_name(config: str) -> str:
