@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_methods import CONFIG_FILE, _compared, kept_results
+from compare_methods import keep_config, kept_results
 
 from sapt.config import RunConfig, load_config
 from sapt.errors import SaptError
@@ -56,7 +56,7 @@ def _run(run: RunConfig, label: str) -> dict:
         print(f"arm-cost: {label}: started in {run.output_dir}", file=sys.stderr, flush=True)
         started = time.perf_counter()
         path = run_sequence(run)
-        (Path(run.output_dir) / CONFIG_FILE).write_text(json.dumps(_compared(run), indent=1))
+        keep_config(run)
         print(f"arm-cost: {label}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return json.loads(path.read_text())
 

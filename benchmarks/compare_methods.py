@@ -163,6 +163,11 @@ def kept_results(run: RunConfig) -> tuple[Path | None, str]:
     return results, ""
 
 
+def keep_config(run: RunConfig) -> None:
+    """Writes the run's compared config beside its results.json, for ``kept_results`` to check later."""
+    (Path(run.output_dir) / CONFIG_FILE).write_text(json.dumps(_compared(run), indent=1))
+
+
 def progress(message: str) -> None:
     print(f"compare: {message}", file=sys.stderr, flush=True)
 
@@ -201,7 +206,7 @@ def run_all(args: argparse.Namespace, names: list[str], seeds: list[int], fwt_re
             progress(f"{label}: started in {run.output_dir}")
             started = time.perf_counter()
             path = run_sequence(run, run_tags=tags)
-            (Path(run.output_dir) / CONFIG_FILE).write_text(json.dumps(_compared(run), indent=1))
+            keep_config(run)
             metrics = json.loads(path.read_text())["metrics"]
             progress(f"{label}: finished in {time.perf_counter() - started:.0f}s; "
                      + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in metrics.items()))

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from sapt.cluster.tune import start_ray, tune_order
+from sapt.cluster.tune import CONSOLE, start_ray, tune_order
 from sapt.config import preset_names
 from sapt.data.loading import load_tasks
 from sapt.errors import SaptError
@@ -34,7 +34,6 @@ from sapt.tuning.space import load_space
 from sapt.tuning.trial import METRIC, TIME_ATTR, TrialSetup, run_trial
 
 log = logging.getLogger("sapt.sweep")
-CONSOLE = {"console": True}  # a line for the terminal too (sapt.console), not only the log file
 
 RECORD_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -94,10 +93,11 @@ def plan_sweep(request: SweepRequest) -> SweepPlan:
     space = load_space(request.space or _default_space(base["method"]))
     check_space(space, base)
     orders = _plan_orders(base, request.orders)
-    folder = sweep_folder(request)
+    name = request.name or _default_name(request.config)
+    folder = Path(request.output or Path("runs") / "sweeps" / name).resolve()
     if request.resume and not (folder / RECORD_FILE).is_file():
         raise SaptError("--resume: no sweep to resume here", source=str(folder))
-    return SweepPlan(request, request.name or _default_name(request.config), folder, base, space, orders)
+    return SweepPlan(request, name, folder, base, space, orders)
 
 
 def run_sweep(request: SweepRequest) -> dict[str, Path]:
@@ -239,11 +239,6 @@ def _order_label(order: str | list[str], names: list[str]) -> str:
     if len(label) <= 80:
         return label
     return f"{names[0]}+{len(names) - 1}-more-{hashlib.sha1(label.encode()).hexdigest()[:8]}"
-
-
-def sweep_folder(request: SweepRequest) -> Path:
-    """Where the sweep keeps its trials, summary and logs: ``--output``, else runs/sweeps/NAME."""
-    return Path(request.output or Path("runs") / "sweeps" / (request.name or _default_name(request.config))).resolve()
 
 
 def _default_name(config: str) -> str:
