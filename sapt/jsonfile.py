@@ -16,6 +16,18 @@ def read_json_object(path: str | Path, *, missing: str = "file not found") -> di
         SaptError: the file is missing (``missing`` is the message), not UTF-8, not valid JSON, or
             not an object; the error names the file, and the line and column of a syntax error.
     """
+    doc = read_json(path, missing=missing)
+    if not isinstance(doc, dict):
+        raise SaptError(f"expected a JSON object at top level, got {type(doc).__name__}", source=str(path))
+    return doc
+
+
+def read_json(path: str | Path, *, missing: str = "file not found") -> Any:
+    """Parses a JSON file, whatever its top level.
+
+    Raises:
+        SaptError: the file is missing, not UTF-8 or not valid JSON (as ``read_json_object``).
+    """
     file = Path(path)
     if not file.is_file():
         raise SaptError(missing, source=str(file))
@@ -25,6 +37,4 @@ def read_json_object(path: str | Path, *, missing: str = "file not found") -> di
         raise SaptError(f"malformed JSON at line {err.lineno} column {err.colno}: {err.msg}", source=str(file)) from None
     except UnicodeDecodeError as err:
         raise SaptError(f"not UTF-8 text: {err}", source=str(file)) from None
-    if not isinstance(doc, dict):
-        raise SaptError(f"expected a JSON object at top level, got {type(doc).__name__}", source=str(file))
     return doc

@@ -24,7 +24,7 @@ from sapt.jsonfile import read_json_object
 from sapt.evaluation.metrics import cl_metrics, score_task
 from sapt.evaluation.routing import RoutingRecord
 from sapt.methods import build_method
-from sapt.methods.base import Method
+from sapt.methods.base import Method, task_infos
 
 log = logging.getLogger("sapt.runner")
 
@@ -73,6 +73,7 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
     )
     if run.eval.split == "val":
         tasks = _scored_on_validation(tasks)
+    method.set_tasks(task_infos(tasks))  # a method that cannot run on a task refuses here, before anything starts
     names = [t.name for t in tasks]
     single = _single_scores(run.single_results, names)
     # Embedded backbones warm up once here, so this node's workers read them from the cache.
@@ -146,7 +147,15 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                 spent = {"stage": number + 1, "tasks": trained,
                          "train_seconds": round(sum(epoch["seconds"] for epoch in result.history), 1),
                          **({"generator": result.generator_training} if result.generator_training else {})}
-                if needs_memory:
+                if needs_memory and memory_spec.source == "self":
+                    remember_started = time.perf_counter()
+                    rewritten, files, spent["memory_parsed"] = _self_written(run, method, tasks, newest, state,
+                                                                             output_dir)
+                    memory.update(rewritten)
+                    spent["memory_seconds"] = round(time.perf_counter() - remember_started, 1)
+                    for memory_file in files:
+                        tracker.log_memory(memory_file)
+                elif needs_memory:
                     remember_started = time.perf_counter()
                     memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path,
                                                             output_dir)
@@ -281,11 +290,34 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
         rows = [{**r, "target": ""} for r in rows]
         if not rows:
             raise RuntimeError(f"{task.name}: the generator produced only empty prompts")
+    return rows, _write_memory(output_dir, index, task.name, rows)
+
+
+def _self_written(run: RunConfig, method: Method, tasks: list[TaskData], newest: int, checkpoint_path: str,
+                  output_dir: Path) -> tuple[dict[int, list[dict]], list[Path], dict[str, float]]:
+    """Self-written memory (``MemorySpec.source == "self"``): the state after task ``newest`` writes
+    items of every finished task again (Ray Data batch inference), replacing what earlier stages
+    wrote. Returns them by task, their JSONL files and each task's share of samples that parsed."""
+    from sapt.cluster.pseudo import pseudo_seed
+    from sapt.cluster.self_memory import sample_self_memory
+
+    spec = method.memory()
+    counts = {i: spec.count(len(tasks[i].train)) for i in range(newest + 1)}
+    seeds = {i: pseudo_seed(run.seed, i) + 104729 * newest for i in counts}  # fresh samples after every stage
+    log.info("writing %d pseudo items of %d tasks from the state after %s", sum(counts.values()), len(counts),
+             tasks[newest].name)
+    written = sample_self_memory(run, checkpoint_path, counts, seeds, exclude_tasks=[t.name for t in tasks])
+    parsed = {tasks[i].name: round(len(rows) / counts[i], 3) for i, rows in written.items()}
+    files = [_write_memory(output_dir, i, tasks[i].name, rows) for i, rows in sorted(written.items())]
+    return written, files, parsed
+
+
+def _write_memory(output_dir: Path, index: int, name: str, rows: list[dict]) -> Path:
     folder = output_dir / "memory"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{index + 1:02d}-{task.name}.jsonl"
+    path = folder / f"{index + 1:02d}-{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows, path
+    return path
 
 
 def _score(task: TaskData, predictions: list[str]) -> float:

@@ -52,6 +52,8 @@ def _write_task(root: Path, name: str, instances):
         ("unknown method", ["method=magic"], "method"),
         ("unknown backbone", ["backbone=embedded:nope"], "backbone"),
         ("unknown key", ["trian.epochs=2"], "trian"),
+        ("epi on a task without a label set", ["data_dir={data}", "order=[good]", "method=epi"],
+         "config: order: epi identifies a task by its classes, and task(s) good have no label set"),
     ],
 )
 def test_bad_input_exits_2_naming_the_culprit_and_registers_nothing(tmp_path, case, overrides, expected):

@@ -28,7 +28,7 @@ from sapt.data.loading import load_tasks
 from sapt.data.replay_mix import BalancedMix
 from sapt.evaluation.generate import generate_answers
 from sapt.methods import METHODS, build_method
-from sapt.methods.base import MEMORY_KEY, TASK_KEY
+from sapt.methods.base import MEMORY_KEY, TASK_KEY, task_infos
 from sapt.registry import pool_store
 from sapt.registry.mlflow_connection import fluent_uris
 from sapt.registry.pool_store import Generation
@@ -37,7 +37,8 @@ BACKBONE = "embedded:tiny-t5"
 PET = PetConfig(lora_r=4, lora_alpha=8)
 GEN = Generation(max_source_len=64, max_target_len=16, max_new_tokens=6, batch_size=8)
 STEPS = 6  # per stage: enough to move every trainable weight
-FAST_ARGS = {"sapt-lora": {"generator_steps": 1}, "sapt-prompt": {"generator_steps": 1}}
+FAST_ARGS = {"sapt-lora": {"generator_steps": 1}, "sapt-prompt": {"generator_steps": 1},
+             "lfpt5": {"prompt_length": 8, "max_new_tokens": 24}}
 
 # method -> stages for 3 tasks as (row, train_tasks, eval_tasks, fresh, reference)
 EXPECTED_STAGES = {
@@ -48,12 +49,17 @@ EXPECTED_STAGES = {
                       (2, (2,), (0, 1, 2), False, False)],
     "conpet-dynamic": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False),
                        (2, (2,), (0, 1, 2), False, False)],
+    "l2p": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False), (2, (2,), (0, 1, 2), False, False)],
+    "prog-prompt": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False),
+                    (2, (2,), (0, 1, 2), False, False)],
+    "lfpt5": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False), (2, (2,), (0, 1, 2), False, False)],
+    "epi": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False), (2, (2,), (0, 1, 2), False, False)],
     "single": [(0, (0,), (0,), True, True), (1, (1,), (1,), True, True), (2, (2,), (2,), True, True)],
     "multitask": [(2, (0, 1, 2), (0, 1, 2), True, False)],
     "sapt-lora": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False), (2, (2,), (0, 1, 2), False, False)],
     "sapt-prompt": [(0, (0,), (0,), False, False), (1, (1,), (0, 1), False, False), (2, (2,), (0, 1, 2), False, False)],
 }
-FROZEN_BLOCKS = {"o-lora", "conpet-dynamic", "sapt-lora", "sapt-prompt"}  # a finished task's block never changes again
+FROZEN_BLOCKS = {"o-lora", "conpet-dynamic", "epi", "prog-prompt", "sapt-lora", "sapt-prompt"}  # a finished task's block never changes again
 
 
 def test_the_table_covers_every_method():
@@ -142,6 +148,7 @@ def trained(request, tasks, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(name)
     method = build_method(name, FAST_ARGS.get(name, {}), PET)
+    method.set_tasks(task_infos(tasks))  # as the runner and the workers do
     memory: dict[int, list[dict]] = {}
     states, state, moved = [], None, []
     for stage in method.stages(len(tasks)):
@@ -156,7 +163,13 @@ def trained(request, tasks, tmp_path_factory):
         state = root / f"stage{stage.row}"
         method.save(model, state)
         states.append((stage, state))
-        if method.memory() is not None:
+        spec = method.memory()
+        if spec is not None and spec.source == "self":  # every finished task, written by the newest model
+            model.eval()
+            for index in range(stage.train_tasks[-1] + 1):
+                written = method.sample_memory(model, collator, index, spec.count(len(tasks[index].train)), seed=index)
+                memory[index] = [{"task": index, "memory": True, **item} for item in written]
+        elif spec is not None:
             memory[stage.train_tasks[-1]] = _remembered(method, tasks, stage.train_tasks[-1])
     inputs = [ex.source for t in tasks for ex in t.test]
     return {"name": name, "method": method, "model": model, "backbone": backbone, "collator": collator,

@@ -276,7 +276,11 @@ def test_the_shipped_spaces_fit_their_methods():
         space = load_space(ROOT / "tuning" / f"{method}.yaml")
         check_space(space, base_config("demo-sapt", [f"method={method}"]))
         assert {"method_args.kl_weight", "method_args.temperature", "method_args.projection_dim"} <= set(space.keys)
-    main_knobs = {"o-lora": {"method_args.lambda_1", "method_args.lambda_2"}, "replay": {"method_args.memory_fraction"}}
+    main_knobs = {"o-lora": {"method_args.lambda_1", "method_args.lambda_2"}, "replay": {"method_args.memory_fraction"},
+                  "l2p": {"method_args.top_n", "method_args.prompt_length", "method_args.pull_weight"},
+                  "prog-prompt": {"method_args.prompt_length", "method_args.residual_mlp"},
+                  "epi": {"method_args.prefix_length", "method_args.prefix_init"},
+                  "lfpt5": {"method_args.lm_weight", "method_args.kd_weight"}}
     for method, knobs in main_knobs.items():
         space = load_space(ROOT / "tuning" / f"{method}.yaml")
         check_space(space, base_config("demo", [f"method={method}"]))

@@ -27,7 +27,7 @@ from sapt.cluster.stage_feed import StageFeed
 from sapt.config import RunConfig
 from sapt.data.types import TaskData
 from sapt.errors import SaptError
-from sapt.methods.base import MemorySpec, Stage
+from sapt.methods.base import MemorySpec, Stage, task_infos
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SequenceTrainer:
             worker.train_sequence,
             train_loop_config={
                 "run": run.model_dump(mode="json"),  # plain dicts survive Ray's copies; re-validated there
-                "task_names": [t.name for t in tasks],
+                "tasks": [info.to_dict() for info in task_infos(tasks)],
                 "first": first,
                 "feed": self.feed,
             },

@@ -33,7 +33,7 @@ from sapt.data.collate import Collator
 from sapt.data.replay_mix import BalancedMix
 from sapt.evaluation.generate import generate_answers
 from sapt.methods import build_method
-from sapt.methods.base import MEMORY_KEY, TASK_KEY, Method, Stage
+from sapt.methods.base import MEMORY_KEY, TASK_KEY, Method, Stage, TaskInfo
 from sapt.methods.pseudo_generator import GENERATOR_DIR, generator_batch, generator_collator, new_generator
 from sapt.train.rng_state import restore_rng, save_rng
 
@@ -113,10 +113,10 @@ def checkpoint_dir_name(number: int, epoch: int | None) -> str:
 def train_sequence(loop_config: dict) -> None:
     """Ray Train entry point: stage after stage as the driver posts them, until it closes the feed.
 
-    ``loop_config`` holds plain JSON (run config, task names, the first stage's number) and the feed.
+    ``loop_config`` holds plain JSON (run config, the tasks' TaskInfo, the first stage's number) and the feed.
     """
     run = RunConfig.model_validate(loop_config["run"])
-    task_names: list[str] = loop_config["task_names"]
+    infos = [TaskInfo.from_dict(t) for t in loop_config["tasks"]]
     feed = loop_config["feed"]
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if run.ray.use_gpu else "cpu")
     quiet_ray_data()
@@ -142,7 +142,7 @@ def train_sequence(loop_config: dict) -> None:
         inputs = ray.get(feed.take_stage.remote(number, group[0], rank, me.get_actor_id(), me.current_actor))
         if inputs is None:
             return
-        _train_stage(run, number, inputs, task_names, rank, world, resumed, _Reporter(feed, number, rank))
+        _train_stage(run, number, inputs, infos, rank, world, resumed, _Reporter(feed, number, rank))
         resumed = None
         gc.collect()  # the stage's model and engine, before the next stage builds its own
         # [5] The driver copies the stage's final checkpoint and scores its predictions.
@@ -151,7 +151,7 @@ def train_sequence(loop_config: dict) -> None:
         number += 1
 
 
-def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str], rank: int, world: int,
+def _train_stage(run: RunConfig, number: int, inputs: dict, infos: list[TaskInfo], rank: int, world: int,
                  resumed: ray.train.Checkpoint | None, reporter: _Reporter) -> None:
     """One stage on this worker: build, train (from ``resumed``, an epoch checkpoint of this stage,
     if given), post-task pass, evaluate, save; ends with the stage's final report."""
@@ -159,6 +159,7 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
     from sapt.train.loop import train_epoch
 
     stage = Stage.from_dict(inputs["stage"])
+    task_names = [info.name for info in infos]
     shards = inputs["shards"]
     device = ray.train.torch.get_device()
     torch.manual_seed(run.seed + stage.row)
@@ -166,6 +167,7 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, task_names: list[str
 
     backbone = load_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=task_names)
     method = build_method(run.method, run.method_args, run.pet)
+    method.set_tasks(infos)
     with _checkpoint_dir(inputs["init_state"]) as state_dir:  # the runner sends None for a fresh stage
         model = method.build(backbone, state_dir, stage)
     model.to(device)

@@ -14,7 +14,7 @@ from typing import Any
 from sapt.data.templates import long_sequence_prompt, superni_prompt
 from sapt.data.types import Example, TaskData, TaskKind
 from sapt.errors import SaptError
-from sapt.jsonfile import read_json_object
+from sapt.jsonfile import read_json, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,23 @@ def load_task(
         train=build(train_raw, train_idx, "train-target"),
         val=build(train_raw, val_idx, "train-target"),
         test=build(test_raw, test_idx, "test-target"),
+        labels=_labels(folder / "labels.json") if bench == "Long_Sequence" else None,
     )
+
+
+def _labels(path: Path) -> tuple[str, ...] | None:
+    """A Long Sequence dataset's label set (labels.json: a list of distinct strings); None without the file.
+
+    Raises:
+        SaptError: the file is not such a list.
+    """
+    if not path.is_file():
+        return None
+    labels = read_json(path)
+    if not isinstance(labels, list) or not labels or not all(isinstance(v, str) for v in labels) \
+            or len(set(labels)) != len(labels):
+        raise SaptError("expected a non-empty list of distinct strings", source=str(path))
+    return tuple(labels)
 
 
 def _check_data_dir(data_dir: str | Path) -> Path:

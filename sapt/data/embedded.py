@@ -116,7 +116,8 @@ def build_task(name: str, *, num_train: int, num_val: int, num_test: int, seed: 
         seed: the benchmark seed; the same seed gives the same data on every machine.
 
     Returns:
-        A ``TaskData`` of kind ``"classification"`` with one reference per example.
+        A ``TaskData`` of kind ``"classification"`` with one reference per example; its label
+        set is the task's word list.
 
     Raises:
         SaptError: ``name`` is unknown (source ``order``), or a split size is negative.
@@ -144,6 +145,7 @@ def build_task(name: str, *, num_train: int, num_val: int, num_test: int, seed: 
         train=examples(inputs[:num_train]),
         val=examples(inputs[num_train:num_train + num_val]),
         test=examples(inputs[num_train + num_val:]),
+        labels=rule.words,  # every answer is one of the task's words
     )
 
 

@@ -29,6 +29,8 @@ class TaskData:
 
     ``kind`` decides the metric: exact match for classification, Rouge-L for generation.
     ``val`` is carved from train (dev.json equals test.json in CL_Benchmark, so it is never used).
+    ``labels`` is the task's label set where it has one (Long Sequence's labels.json, the embedded
+    tasks' word lists); None for open answers (SuperNI), whatever the metric.
     """
 
     name: str
@@ -37,3 +39,4 @@ class TaskData:
     train: list[Example] = field(default_factory=list)
     val: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+    labels: tuple[str, ...] | None = None

@@ -7,15 +7,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from sapt.errors import SaptError
-from sapt.methods.base import Method, NoArgs, Stage
+from sapt.methods.base import Method, NoArgs, Stage, TaskInfo
 from sapt.methods.conpet import ConpetDynamic, ConpetStatic
+from sapt.methods.epi import Epi
+from sapt.methods.l2p import L2P
+from sapt.methods.lfpt5 import Lfpt5
 from sapt.methods.lora import MultiTaskLora, Replay, SeqLora, SingleLora
 from sapt.methods.olora import OLora
+from sapt.methods.prog_prompt import ProgPrompt
 from sapt.methods.sapt import SaptLora, SaptPrompt
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SeqLora, Replay, OLora, ConpetStatic, ConpetDynamic, SingleLora, MultiTaskLora,
-                              SaptLora, SaptPrompt)
+    cls.name: cls for cls in (SeqLora, Replay, OLora, ConpetStatic, ConpetDynamic, L2P, Lfpt5, ProgPrompt, Epi, SingleLora,
+                              MultiTaskLora, SaptLora, SaptPrompt)
 }
 
 
@@ -48,4 +52,4 @@ def build_method(name: str, method_args: dict, pet) -> Method:
     return cls(cls.Config.model_validate(method_args), pet)
 
 
-__all__ = ["METHODS", "Method", "NoArgs", "Stage", "build_method", "validate_method_args"]
+__all__ = ["METHODS", "Method", "NoArgs", "Stage", "TaskInfo", "build_method", "validate_method_args"]

@@ -96,6 +96,35 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class TaskInfo:
+    """What a method may know of each task of the order before training (``Method.set_tasks``).
+
+    Attributes:
+        name: the task's name.
+        kind: ``classification`` (exact match) or ``generation`` (Rouge-L).
+        labels: the task's label set, where it has one (Long Sequence's labels.json, the embedded
+            tasks' words); None for open answers.
+    """
+
+    name: str
+    kind: str
+    labels: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "labels": None if self.labels is None else list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskInfo:
+        labels = data.get("labels")
+        return cls(name=data["name"], kind=data["kind"], labels=None if labels is None else tuple(labels))
+
+
+def task_infos(tasks) -> list[TaskInfo]:
+    """The ``TaskInfo`` of each loaded task (``sapt.data.types.TaskData``)."""
+    return [TaskInfo(name=t.name, kind=t.kind, labels=t.labels) for t in tasks]
+
+
+@dataclass(frozen=True)
 class GeneratorSettings:
     """How the pseudo-sample generator of one task is trained and sampled (sapt-method.md 2.1)."""
 
@@ -114,18 +143,31 @@ class GeneratorSettings:
 
 
 @dataclass(frozen=True)
+class SampleSettings:
+    """How a method's own finished model samples pseudo items (``MemorySpec.source == "self"``)."""
+
+    top_k: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
 class MemorySpec:
     """What a method keeps of each finished task for later stages, and how they use it.
 
     Attributes:
-        source: ``real`` items of the task's training split, or ``pseudo`` inputs written by a
-            generator that the workers train on the task (settings in ``generator``).
+        source: ``real`` items of the task's training split, ``pseudo`` inputs written by a
+            generator that the workers train on the task (settings in ``generator``), or ``self``:
+            items, answers included, that the method's own model writes (``Method.sample_memory``,
+            settings in ``sampling``). Self-written memory is written again for every finished
+            task from the newest state after each stage (LFPT5 samples its earlier tasks from the
+            current prompt before every new task).
         use: ``replay`` mixes the items, with their answers, into later tasks' training stream
             (flagged ``memory`` in the batch); ``reflect`` hands their inputs only to
             ``Method.loss`` as ``reflect`` batches, one per earlier task per micro-batch.
         fraction: share of the task's training set kept (at least one item); 1.0 keeps it whole.
         per_task: keep this many items of each task instead (all of a smaller task); None: ``fraction``.
         generator: for ``source == "pseudo"``: how each task's generator is trained and sampled.
+        sampling: for ``source == "self"``: how the method's model samples.
         mix: for ``replay``: ``shuffle`` concatenates the kept items into the stream and shuffles;
             ``balanced`` builds every batch from ``1 - old_share`` new items and ``old_share``
             remembered ones, drawing a uniformly chosen earlier task first, then one of its items
@@ -135,18 +177,21 @@ class MemorySpec:
             of earlier tasks (ConPET's step budget); None: one pass over the new task's items.
     """
 
-    source: Literal["real", "pseudo"]
+    source: Literal["real", "pseudo", "self"]
     use: Literal["replay", "reflect"]
     fraction: float = 0.02
     per_task: int | None = None
     generator: GeneratorSettings | None = None
+    sampling: SampleSettings | None = None
     mix: Literal["shuffle", "balanced"] = "shuffle"
     old_share: float = 0.5
     steps_per_epoch: int | None = None
 
     def __post_init__(self):
         if (self.source == "pseudo") != (self.generator is not None):
-            raise ValueError("pseudo memory needs generator settings, real memory none")
+            raise ValueError("pseudo memory needs generator settings, the others none")
+        if (self.source == "self") != (self.sampling is not None):
+            raise ValueError("self-written memory needs sampling settings, the others none")
         if self.mix == "balanced" and self.use != "replay":
             raise ValueError("balanced batches mix replayed items")
         if self.steps_per_epoch is not None and self.mix != "balanced":
@@ -194,6 +239,16 @@ class Method(ABC):
     def __init__(self, args: BaseModel, pet: Any):
         self.args = args
         self.pet = pet
+        self.tasks: list[TaskInfo] = []
+
+    def set_tasks(self, tasks: list[TaskInfo]) -> None:
+        """The order's tasks, before any stage: on the driver (where a refusal stops the run before
+        anything starts) and on every worker.
+
+        Raises:
+            SaptError: this method cannot run on one of these tasks (field ``order``).
+        """
+        self.tasks = list(tasks)
 
     # -- the sequence --------------------------------------------------------------------------
     def stages(self, num_tasks: int) -> list[Stage]:
@@ -203,6 +258,13 @@ class Method(ABC):
     def memory(self) -> MemorySpec | None:
         """What to keep of each finished task; None keeps nothing."""
         return None
+
+    def sample_memory(self, model: nn.Module, collator: Any, task: int, count: int, *, seed: int,
+                      device: torch.device | str = "cpu") -> list[dict[str, str]]:
+        """For ``memory().source == "self"``: up to ``count`` items of finished task ``task`` written by
+        ``model`` (what ``load_finished`` returns), as ``{"source", "target"}``; samples that do not
+        parse into input and output are left out."""
+        raise NotImplementedError
 
     # -- training ------------------------------------------------------------------------------
     @abstractmethod

@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sapt.backbones.types import Backbone
@@ -30,6 +29,7 @@ from sapt.pet.prompt_pool import PromptPool
 from sapt.pet.reflection import padded_target, reflection_kl
 from sapt.pet.routed_model import RoutedModel
 from sapt.pet.router import SharedAttention
+from sapt.pet.soft_prompt import load_prompts, save_prompt
 
 STATE_FILE = "sapt.json"
 SELECTOR_DIR = "selector"
@@ -355,7 +355,7 @@ class SaptPrompt(_Sapt):
         embedding = backbone.model.get_input_embeddings().weight
         pool = PromptPool(embedding, self.args.prompt_length, old_blocks, torch.Generator().manual_seed(seed))
         if old_blocks:
-            pool.load_old_blocks(_load_prompt_blocks(_block_folders(state_dir, old_blocks), self.args.prompt_length,
+            pool.load_old_blocks(load_prompts(_block_folders(state_dir, old_blocks), self.args.prompt_length,
                                                       embedding.shape[1]))
         return pool
 
@@ -363,48 +363,23 @@ class SaptPrompt(_Sapt):
         return [model.prompts.prompt]
 
     def _load_newest_block(self, prompts, state_dir, blocks):
-        saved = _load_prompt_blocks(_block_folders(state_dir, blocks), self.args.prompt_length, prompts.prompt.shape[1])
+        saved = load_prompts(_block_folders(state_dir, blocks), self.args.prompt_length, prompts.prompt.shape[1])
         with torch.no_grad():
             prompts.prompt.copy_(saved[-1])
 
     def _save_pool(self, model, out_dir):
         for index, prompt in enumerate(model.prompts.prompts()):
-            folder = pool_files.block_dir(out_dir, index)
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({"prompt": prompt.detach().float().cpu().contiguous()}, str(folder / PROMPT_FILE))
+            save_prompt(prompt, pool_files.block_dir(out_dir, index))
 
     def load_block(self, backbone: Backbone, block_dir: Path) -> RoutedModel:
         """The prompt alone, prepended to every input (one block: any router gives it weight 1)."""
         embedding = backbone.model.get_input_embeddings().weight
-        prompt = _load_prompt_blocks([block_dir], None, embedding.shape[1])[0]
+        prompt = load_prompts([block_dir], None, embedding.shape[1])[0]
         pool = PromptPool(embedding, prompt.shape[0], 0, torch.Generator().manual_seed(0))
         with torch.no_grad():
             pool.prompt.copy_(prompt)
         return RoutedModel(backbone.model, SharedAttention(embedding.shape[1]), Routing(),
                            is_encoder_decoder=backbone.is_encoder_decoder, prompts=pool).eval()
-
-
-PROMPT_FILE = "prompt.safetensors"  # one (P, d) tensor "prompt" per block folder
-
-
-def _load_prompt_blocks(folders: list[Path], length: int | None, dim: int) -> torch.Tensor:
-    """The prompts of these block folders as one (n, P, d) tensor.
-
-    Raises:
-        SaptError: a block file is missing or its tensor does not fit (P, d).
-    """
-    prompts = []
-    for folder in folders:
-        path = folder / PROMPT_FILE
-        if not path.is_file():
-            raise SaptError("prompt block missing", source=str(path))
-        prompt = load_file(str(path)).get("prompt")
-        if prompt is None or prompt.dim() != 2 or prompt.shape[1] != dim or (length is not None and prompt.shape[0] != length):
-            shape = None if prompt is None else tuple(prompt.shape)
-            raise SaptError(f"expected one tensor 'prompt' of shape ({length or 'P'}, {dim}), found {shape}",
-                            source=str(path))
-        prompts.append(prompt)
-    return torch.stack(prompts)
 
 
 def _block_folders(state_dir: Path, count: int) -> list[Path]:

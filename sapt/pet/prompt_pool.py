@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sapt.pet.soft_prompt import vocabulary_rows
+
 
 class PromptPool(nn.Module):
     """Soft prompts of ``length`` vectors, the new one initialised from sampled vocabulary embeddings.
@@ -22,12 +24,11 @@ class PromptPool(nn.Module):
 
     def __init__(self, embedding: torch.Tensor, length: int, old_blocks: int, generator: torch.Generator):
         super().__init__()
-        vocab, dim = embedding.shape
+        dim = embedding.shape[1]
         self.length = length
         self.register_buffer("old_prompts", torch.zeros(old_blocks, length, dim, dtype=embedding.dtype,
                                                         device=embedding.device))
-        rows = torch.randint(0, vocab, (length,), generator=generator).to(embedding.device)
-        self.prompt = nn.Parameter(embedding.detach()[rows].clone())  # (P, d)
+        self.prompt = nn.Parameter(vocabulary_rows(embedding, length, generator))  # (P, d)
 
     @property
     def num_blocks(self) -> int:

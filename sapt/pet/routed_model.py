@@ -16,8 +16,8 @@ from torch import nn
 from sapt.pet.lora_pool import Routing
 from sapt.pet.prompt_pool import PromptPool
 from sapt.pet.router import SharedAttention
+from sapt.pet.soft_prompt import IGNORE_INDEX, generate_prompted, prompted_inputs
 
-IGNORE_INDEX = -100
 
 # How the block weights of an input are chosen (the no-sa and no-alignment ablations change them).
 TrainWeights = Literal["attention", "newest"]  # newest: one-hot on the block being trained
@@ -96,18 +96,8 @@ class RoutedModel(nn.Module):
         """Backbone keyword arguments: token ids, or embeddings with the mixed prompt in front."""
         if self.prompts is None:
             return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        prompt_BPd = self.prompts(weights)
-        embeddings = self.backbone.get_input_embeddings()(input_ids)
-        batch, length = input_ids.shape[0], prompt_BPd.shape[1]
-        ones = attention_mask.new_ones(batch, length)
-        kwargs = {
-            "inputs_embeds": torch.cat([prompt_BPd.to(embeddings.dtype), embeddings], dim=1),
-            "attention_mask": torch.cat([ones, attention_mask], dim=1),
-            "labels": labels,
-        }
-        if labels is not None and not self.is_encoder_decoder:
-            kwargs["labels"] = torch.cat([labels.new_full((batch, length), IGNORE_INDEX), labels], dim=1)
-        return kwargs
+        return prompted_inputs(self.backbone, input_ids, attention_mask, self.prompts(weights), labels,
+                               is_encoder_decoder=self.is_encoder_decoder)
 
     def forward(self, input_ids, attention_mask, labels=None, reflect=None) -> RoutedOutput:
         """The LM loss, plus router log-weights of any ``reflect`` batches (ARM's pseudo inputs).
@@ -139,9 +129,7 @@ class RoutedModel(nn.Module):
         decoder-only models, as a plain ``generate`` would."""
         weights = self.block_weights(input_ids, attention_mask)
         self.routing.weights = weights
-        inputs = self._with_prompt(input_ids, attention_mask, weights)
-        inputs.pop("labels")
-        out = self.backbone.generate(**inputs, **kwargs)
-        if self.prompts is not None and not self.is_encoder_decoder:
-            out = torch.cat([input_ids, out], dim=1)  # from embeddings HF returns the new tokens only
-        return out
+        if self.prompts is not None:
+            return generate_prompted(self.backbone, input_ids, attention_mask, self.prompts(weights),
+                                     is_encoder_decoder=self.is_encoder_decoder, **kwargs)
+        return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

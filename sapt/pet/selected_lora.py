@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sapt.pet.features import mean_pooled_hidden
 from sapt.pet.lora_pool import PooledLoraLinear, Routing
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -65,16 +64,8 @@ class SelectedLoraModel(nn.Module):
         on = torch.zeros(input_ids.shape[0], self.pool_blocks, device=input_ids.device)
         on[:, -1] = 1.0
         self.routing.weights = on
-        mask = attention_mask
-        if self.is_encoder_decoder:
-            hidden_BTd = self.backbone.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        else:
-            if labels is not None:
-                mask = attention_mask * (labels == IGNORE_INDEX)  # the prompt part, not the answer
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-            hidden_BTd = out.hidden_states[-1]
-        weights_BT = mask.to(hidden_BTd.dtype)
-        pooled_Bd = (hidden_BTd * weights_BT[..., None]).sum(1) / weights_BT.sum(1, keepdim=True).clamp(min=1)
+        pooled_Bd = mean_pooled_hidden(self.backbone, input_ids, attention_mask, labels,
+                                       is_encoder_decoder=self.is_encoder_decoder)
         return self.head(pooled_Bd.to(self.head.weight.dtype))
 
     def block_weights(self, input_ids, attention_mask, labels=None) -> torch.Tensor:

@@ -56,7 +56,6 @@ class SequenceTracker:
         self.params: dict[str, str] = {}
         _flatten("", config, self.params)
         self._check_reachable()
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
