@@ -11,6 +11,7 @@ from sapt.data.collate import Collator
 from sapt.data.loading import load_tasks
 from sapt.methods import build_method
 from sapt.methods.base import Stage
+from method_steps import train_steps
 
 BACKBONE = "embedded:tiny-t5"
 PET = PetConfig(lora_r=4, lora_alpha=8)
@@ -25,31 +26,18 @@ def _overlap(layers) -> float:
     return float(sum((layer.old_A @ layer.lora_A.detach().T).abs().sum() for layer in layers.values()))
 
 
-def _train(method, model, collator, examples, steps, seed):
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0)
-    model.train()
-    for step in range(steps):
-        rows = [examples[(step * 8 + i) % len(examples)] for i in range(8)]
-        loss, terms = method.loss(model, collator.train_batch([r.source for r in rows], [r.target for r in rows]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return terms
-
-
 def _second_task(tasks, tmp_path, lambda_1):
     """Task 1 trained (same seed for every lambda), then 40 steps of task 2; returns the overlap before and after."""
     method = build_method("o-lora", {"lambda_1": lambda_1}, PET)
     backbone = load_backbone(BACKBONE)
     collator = Collator(backbone.tokenizer, True, 64, 16)
     first = method.build(backbone, None, Stage(0, (0,), (0,)))
-    _train(method, first, collator, tasks[0].train, steps=20, seed=0)
+    train_steps(method, first, collator, tasks[0].train, 20, seed=0)
     method.save(first, tmp_path / "one")
     second = method.build(load_backbone(BACKBONE), tmp_path / "one", Stage(1, (1,), (0, 1)))
     layers = method.pooled_layers()
     before = _overlap(layers)
-    terms = _train(method, second, collator, tasks[1].train, steps=40, seed=1)
+    terms = train_steps(method, second, collator, tasks[1].train, 40, seed=1)
     return before, _overlap(layers), terms
 
 
@@ -66,7 +54,7 @@ def test_the_first_task_has_no_overlap_term(tasks):
     backbone = load_backbone(BACKBONE)
     model = method.build(backbone, None, Stage(0, (0,), (0,)))
     collator = Collator(backbone.tokenizer, True, 64, 16)
-    terms = _train(method, model, collator, tasks[0].train, steps=1, seed=0)
+    terms = train_steps(method, model, collator, tasks[0].train, 1, seed=0)
     assert terms["orthogonality"] == 0.0 and terms["l2"] > 0
 
 
@@ -78,7 +66,7 @@ def test_the_test_time_model_is_the_sum_of_every_task_lora(tasks, tmp_path):
     state = None
     for row in range(2):
         model = method.build(load_backbone(BACKBONE) if row else backbone, state, Stage(row, (row,), tuple(range(row + 1))))
-        _train(method, model, collator, tasks[row].train, steps=10, seed=row)
+        train_steps(method, model, collator, tasks[row].train, 10, seed=row)
         state = tmp_path / f"stage{row}"
         method.save(model, state)
     finished = method.load_finished(load_backbone(BACKBONE), state)

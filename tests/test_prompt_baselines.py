@@ -17,6 +17,7 @@ from sapt.data.collate import Collator
 from sapt.data.loading import load_tasks
 from sapt.methods import build_method
 from sapt.methods.base import Stage
+from method_steps import train_steps
 from sapt.pet.soft_prompt import load_prompts
 
 PET = PetConfig(lora_r=4, lora_alpha=8)
@@ -30,20 +31,6 @@ def tasks():
 
 def _collator(backbone):
     return Collator(backbone.tokenizer, backbone.is_encoder_decoder, 64, 16)
-
-
-def _train(method, model, collator, examples, steps, lr=1e-2, seed=0):
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0)
-    model.train()
-    for step in range(steps):
-        rows = [examples[(step * 8 + i) % len(examples)] for i in range(8)]
-        loss, terms = method.loss(model, collator.train_batch([r.source for r in rows], [r.target for r in rows]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return terms
 
 
 def _positions_added(backbone, model, batch) -> int:
@@ -74,7 +61,7 @@ def test_progprompt_grows_the_input_by_one_prompt_per_task_and_freezes_earlier_p
         backbone = load_backbone(name)
         collator = _collator(backbone)
         model = method.build(backbone, state, Stage(row, (row,), tuple(range(row + 1))))
-        _train(method, model, collator, tasks[row].train, steps=4, lr=5e-2, seed=row)
+        train_steps(method, model, collator, tasks[row].train, 4, lr=5e-2, seed=row)
         batch = collator.generation_batch([ex.source for ex in tasks[0].test])
         grown.append(_positions_added(backbone, model, batch))
         state = tmp_path / f"stage{row}"
@@ -94,7 +81,7 @@ def test_progprompt_trains_only_the_newest_prompt(tasks, tmp_path):
     method = build_method("prog-prompt", {"prompt_length": 4}, PET)
     backbone = load_backbone("embedded:tiny-t5")
     first = method.build(backbone, None, Stage(0, (0,), (0,)))
-    _train(method, first, _collator(backbone), tasks[0].train, steps=2)
+    train_steps(method, first, _collator(backbone), tasks[0].train, 2)
     method.save(first, tmp_path / "one")
     second = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1)))
     trainable = [n for n, p in second.named_parameters() if p.requires_grad]
@@ -127,7 +114,7 @@ def test_l2p_pulls_the_selected_keys_toward_their_queries(name, tasks):
         method = build_method("l2p", {"pool_size": 6, "top_n": 2, "prompt_length": 3, "pull_weight": pull_weight}, PET)
         model = method.build(load_backbone(name), None, Stage(0, (0,), (0,)))
         before = _mean_selected_cosine(model, batch)
-        terms = _train(method, model, collator, tasks[0].train, steps=12, lr=5e-2)
+        terms = train_steps(method, model, collator, tasks[0].train, 12, lr=5e-2)
         return before, _mean_selected_cosine(model, batch), terms
 
     before, after, terms = after_training(0.1)
@@ -143,7 +130,7 @@ def test_l2p_selects_the_same_prompts_in_training_and_at_test(name, tasks):
     backbone = load_backbone(name)
     collator = _collator(backbone)
     model = method.build(backbone, None, Stage(0, (0,), (0,)))
-    _train(method, model, collator, tasks[0].train, steps=3)
+    train_steps(method, model, collator, tasks[0].train, 3)
     _set_dropout(model, 0.3)  # the embedded backbones have none: the query must not depend on it
     examples = [ex for task in tasks for ex in task.train[:6]]
     model.train()

@@ -45,6 +45,19 @@ def read_state_file(path: Path, method: str, count_key: str) -> dict:
     return state
 
 
+def check_finished_count(path: Path, count: int, task_index: int, noun: str, field: str) -> None:
+    """A state saved after task ``task_index`` (0-based) holds one ``noun`` per finished task.
+
+    Raises:
+        SaptError: ``count`` is not ``task_index + 1`` (field ``field`` of the state file).
+    """
+    from sapt.errors import SaptError
+
+    if count != task_index + 1:
+        raise SaptError(f"{count} {noun}, but task {task_index} (0-based) needs {task_index + 1}", source=str(path),
+                        field=field)
+
+
 def frozen_for_inference(model: nn.Module) -> nn.Module:
     """Nothing trainable, eval mode: what ``load_finished`` returns."""
     for parameter in model.parameters():

@@ -36,7 +36,8 @@ from torch import nn
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
 from sapt.methods.base import (
-    MEMORY_KEY, TASK_KEY, MemorySpec, Method, Stage, StateFiles, frozen_for_inference, model_inputs, read_state_file,
+    MEMORY_KEY, TASK_KEY, MemorySpec, Method, Stage, StateFiles, check_finished_count, frozen_for_inference, model_inputs,
+    read_state_file,
 )
 from sapt.methods.lora import SeqLora
 from sapt.pet import pool_files
@@ -188,9 +189,7 @@ class ConpetDynamic(Method):
 
     def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
         experts = _read_state(state_dir, self.name)["experts"]
-        if experts != task_index + 1:
-            raise SaptError(f"{experts} experts, but task {task_index} (0-based) needs {task_index + 1}",
-                            source=str(state_dir / STATE_FILE), field="experts")
+        check_finished_count(state_dir / STATE_FILE, experts, task_index, "experts", "experts")
         return StateFiles(blocks=pool_files.block_paths(experts), shared=(STATE_FILE, SELECTOR_DIR))
 
     def load_finished(self, backbone: Backbone, state_dir: Path) -> SelectedLoraModel:

@@ -43,8 +43,8 @@ from torch import nn
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
 from sapt.methods.base import (
-    MEMORY_KEY, TASK_KEY, MemorySpec, Method, SampleSettings, Stage, StateFiles, frozen_for_inference,
-    model_inputs, read_state_file,
+    MEMORY_KEY, TASK_KEY, MemorySpec, Method, SampleSettings, Stage, StateFiles, check_finished_count,
+    frozen_for_inference, model_inputs, read_state_file,
 )
 from sapt.pet.generative_prompt import ANSWER_MARK, GenerativePrompt, PromptBank
 from sapt.pet.soft_prompt import IGNORE_INDEX, vocabulary_rows
@@ -213,9 +213,7 @@ class Lfpt5(Method):
 
     def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
         tasks = _read_state(state_dir, self.name)["tasks"]
-        if tasks != task_index + 1:
-            raise SaptError(f"{tasks} generation tokens, but task {task_index} (0-based) needs {task_index + 1}",
-                            source=str(state_dir / STATE_FILE), field="tasks")
+        check_finished_count(state_dir / STATE_FILE, tasks, task_index, "generation tokens", "tasks")
         return StateFiles(blocks=(), shared=(STATE_FILE, PROMPT_FILE))
 
     def load_finished(self, backbone: Backbone, state_dir: Path) -> GenerativePrompt:

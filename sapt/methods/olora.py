@@ -31,7 +31,9 @@ from torch import nn
 
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
-from sapt.methods.base import Method, Stage, StateFiles, frozen_for_inference, model_inputs, read_state_file
+from sapt.methods.base import (
+    Method, Stage, StateFiles, check_finished_count, frozen_for_inference, model_inputs, read_state_file,
+)
 from sapt.pet import pool_files
 from sapt.pet.lora_pool import Routing, inject_lora_pool
 from sapt.pet.summed_lora import SummedLoraModel
@@ -96,9 +98,7 @@ class OLora(Method):
 
     def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
         blocks = _read_state(state_dir, self.name)["blocks"]
-        if blocks != task_index + 1:
-            raise SaptError(f"{blocks} blocks, but task {task_index} (0-based) needs {task_index + 1}",
-                            source=str(state_dir / STATE_FILE), field="blocks")
+        check_finished_count(state_dir / STATE_FILE, blocks, task_index, "blocks", "blocks")
         return StateFiles(blocks=pool_files.block_paths(blocks), shared=(STATE_FILE,))
 
     def load_finished(self, backbone: Backbone, state_dir: Path) -> SummedLoraModel:

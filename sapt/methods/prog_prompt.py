@@ -31,6 +31,7 @@ from sapt.methods.base import (
     Method,
     Stage,
     StateFiles,
+    check_finished_count,
     frozen_for_inference,
     read_state_file,
 )
@@ -87,9 +88,7 @@ class ProgPrompt(Method):
 
     def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
         blocks = _read_state(state_dir, self.name)["blocks"]
-        if blocks != task_index + 1:
-            raise SaptError(f"{blocks} prompts, but task {task_index} (0-based) needs {task_index + 1}",
-                            source=str(state_dir / STATE_FILE), field="blocks")
+        check_finished_count(state_dir / STATE_FILE, blocks, task_index, "prompts", "blocks")
         return StateFiles(blocks=pool_files.block_paths(blocks), shared=(STATE_FILE,))
 
     def load_finished(self, backbone: Backbone, state_dir: Path) -> ProgressivePromptModel:

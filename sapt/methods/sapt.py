@@ -22,7 +22,9 @@ from torch import nn
 
 from sapt.backbones.types import Backbone
 from sapt.errors import SaptError
-from sapt.methods.base import GeneratorSettings, MemorySpec, Method, Stage, StateFiles, model_inputs
+from sapt.methods.base import (
+    GeneratorSettings, MemorySpec, Method, Stage, StateFiles, check_finished_count, model_inputs,
+)
 from sapt.pet import pool_files
 from sapt.pet.lora_pool import PooledLoraLinear, Routing, inject_lora_pool
 from sapt.pet.prompt_pool import PromptPool
@@ -279,9 +281,7 @@ class _Sapt(Method):
 
     def finished_files(self, state_dir: Path, task_index: int) -> StateFiles:
         state = _read_state(state_dir, self.name)
-        if state["blocks"] != task_index + 1:
-            raise SaptError(f"{state['blocks']} blocks, but task {task_index} (0-based) needs {task_index + 1}",
-                            source=str(state_dir / STATE_FILE), field="blocks")
+        check_finished_count(state_dir / STATE_FILE, state["blocks"], task_index, "blocks", "blocks")
         shared = [pool_files.ROUTER_WEIGHTS, pool_files.ROUTER_CONFIG, STATE_FILE]
         if (state_dir / SELECTOR_DIR).is_dir():
             shared.append(SELECTOR_DIR)
