@@ -114,7 +114,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
     done = -1  # the last stage row finished (and registered)
     if point is not None:
         state = _restore(point, pool, tracker, progress, memory, names, output_dir, storage,
-                         rows=[s.row for s in stages if s.row <= point.task_index])
+                         rows=[s.row for s in stages if s.row <= point.task_index],
+                         self_written=memory_spec is not None and memory_spec.source == "self")
         done = point.task_index
     started = time.perf_counter()
     timing: list[dict] = []  # where each stage this process trained spent its time
@@ -153,14 +154,13 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
                                                                              output_dir)
                     memory.update(rewritten)
                     spent["memory_seconds"] = round(time.perf_counter() - remember_started, 1)
-                    for memory_file in files:
-                        tracker.log_memory(memory_file)
+                    _keep_memory(tracker, files, stage.row, self_written=True)
                 elif needs_memory:
                     remember_started = time.perf_counter()
                     memory[newest], memory_file = _remember(run, method, tasks, newest, result.generator_path,
                                                             output_dir)
                     spent["memory_seconds"] = round(time.perf_counter() - remember_started, 1)
-                    tracker.log_memory(memory_file)
+                    _keep_memory(tracker, [memory_file], stage.row, self_written=False)
                     if result.generator_path:
                         uri = tracker.log_generator(result.generator_path, memory_file.stem)
                         log.info("%s's pseudo-sample generator: %s", names[newest], uri)
@@ -237,22 +237,36 @@ class _Progress:
 
 
 def _restore(point, pool, tracker, progress: _Progress, memory: dict[int, list[dict]], names: list[str],
-             output_dir: Path, storage: str, rows: list[int]) -> str:
+             output_dir: Path, storage: str, rows: list[int], self_written: bool) -> str:
     """Brings back what the interrupted run had after task ``point.task_index``: its matrix rows,
     remembered inputs and the pool state. Returns the state path for the next stage."""
     from sapt.cluster.trainer import place_state
     from sapt.registry import pool_store
 
     progress.restore(tracker.read_progress(), rows, names, where=f"run {point.run_id}: progress.json")
-    for path in tracker.download_memory(output_dir / "resume"):
-        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if kept and kept[0]["task"] <= point.task_index:
-            memory[kept[0]["task"]] = kept
+    memory.update(_restored_memory(tracker, output_dir / "resume", point.task_index, self_written))
     local = output_dir / "resume" / f"after-t{point.task_index + 1:02d}"
     if local.exists():
         shutil.rmtree(local)
     pool_store.download_state(pool.tracking_uri, pool.name, point.pool_version, local)
     return place_state(local, storage, f"{point.run_id}-resume-t{point.task_index + 1:02d}")
+
+
+def _keep_memory(tracker, files: list[Path], row: int, self_written: bool) -> None:
+    """Logs memory files to the run for a resume; self-written ones under the stage row whose state
+    wrote them, since every later stage writes them again."""
+    for path in files:
+        tracker.log_memory(path, after=row + 1 if self_written else None)
+
+
+def _restored_memory(tracker, dest: Path, task_index: int, self_written: bool) -> dict[int, list[dict]]:
+    """The memory the run had after stage row ``task_index``, by task (as ``_keep_memory`` logged it)."""
+    memory = {}
+    for path in tracker.download_memory(dest, after=task_index + 1 if self_written else None):
+        kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if kept and kept[0]["task"] <= task_index:
+            memory[kept[0]["task"]] = kept
+    return memory
 
 
 def _scored_on_validation(tasks: list[TaskData]) -> list[TaskData]:

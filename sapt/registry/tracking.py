@@ -25,6 +25,10 @@ GENERATORS_DIR = "generators"  # ARM: each task's pseudo-sample generator, for j
 RESUMABLE_CHANGES = ("ray.", "mlflow.", "output_dir", "data_dir", "eval.batch_size")
 
 
+def _memory_folder(after: int | None) -> str:
+    return MEMORY_DIR if after is None else f"{MEMORY_DIR}/after-t{after:02d}"
+
+
 def resolve_tracking_uri(tracking_uri: str, output_dir: Path) -> str:
     """Empty means ``$MLFLOW_TRACKING_URI`` (as a cluster's nodes set it), else the embedded default:
     a sqlite store inside the run's output folder."""
@@ -104,20 +108,24 @@ class SequenceTracker:
         except (MlflowException, OSError):
             return {}
 
-    def log_memory(self, path: Path) -> None:
-        """A finished task's remembered inputs (JSONL), kept with the run so that a resume finds them."""
-        self.client.log_artifact(self.run_id, str(path), MEMORY_DIR)
+    def log_memory(self, path: Path, after: int | None = None) -> None:
+        """A finished task's remembered inputs (JSONL), kept with the run so that a resume finds them.
+        ``after``: memory that the method writes again after every stage goes to ``memory/after-tNN/``,
+        so that a resume reads what its registered state wrote, not a later stage's rewrite."""
+        self.client.log_artifact(self.run_id, str(path), _memory_folder(after))
 
     def log_generator(self, path: str, name: str) -> str:
         """A finished task's pseudo-sample generator (a PEFT adapter folder); returns its ``runs:/`` URI."""
         self.client.log_artifacts(self.run_id, path, f"{GENERATORS_DIR}/{name}")
         return f"runs:/{self.run_id}/{GENERATORS_DIR}/{name}"
 
-    def download_memory(self, dest: Path) -> list[Path]:
-        """The remembered inputs logged so far, as JSONL files in ``dest``."""
-        if not self.client.list_artifacts(self.run_id, MEMORY_DIR):
+    def download_memory(self, dest: Path, after: int | None = None) -> list[Path]:
+        """The remembered inputs logged so far (``after``: those written after stage row ``after``), as
+        JSONL files in ``dest``."""
+        folder = _memory_folder(after)
+        if not self.client.list_artifacts(self.run_id, folder):
             return []
-        local = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=MEMORY_DIR, dst_path=str(dest),
+        local = mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=folder, dst_path=str(dest),
                                                     tracking_uri=self.uri)
         return sorted(Path(local).glob("*.jsonl"))
 
