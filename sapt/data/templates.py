@@ -6,6 +6,8 @@ is only notation. No task or dataset name prefix is added.
 
 from __future__ import annotations
 
+ANSWER_CUE = "\nOutput: "  # every prompt ends with it; the model answers right after
+
 
 def superni_prompt(definition: str, input: str) -> str:  # noqa: A002 (mirrors the data field name)
     """Prompt for a SuperNI task.
@@ -19,7 +21,7 @@ def superni_prompt(definition: str, input: str) -> str:  # noqa: A002 (mirrors t
     """
     return (
         "Definition: " + definition.strip() + "\n\nNow complete the following example -\nInput: "
-        + input + "\nOutput: "
+        + input + ANSWER_CUE
     )
 
 
@@ -36,5 +38,5 @@ def long_sequence_prompt(definition: str, input: str) -> str:  # noqa: A002
     definition = definition.strip()
     if not definition:
         # copa has an empty Definition list: the authors' code then drops the instruction line.
-        return input + "\nOutput: "
-    return definition + "\n" + input + "\nOutput: "
+        return input + ANSWER_CUE
+    return definition + "\n" + input + ANSWER_CUE
