@@ -19,6 +19,7 @@ from sapt.backbones.hub import LORA_TARGETS, lora_targets_for
 from sapt.backbones.tiny import tokenizer_dir
 from sapt.backbones.warmup import _batch, _marked_span
 from sapt.data.collate import IGNORE_INDEX, Collator
+from sapt.data.templates import ANSWER_CUE
 from sapt.errors import SaptError
 from sapt.pet import pool_files
 from sapt.pet.lora_pool import PooledLoraLinear, Routing, targets_in
@@ -71,16 +72,32 @@ class _ReferenceCollator:
             batch = self._pad(prompts, left=False)
             batch["labels"] = self._pad_rows(answers, IGNORE_INDEX, left=False)
             return batch
-        prompts = self._encode(sources, self.max_source_len, special=False)
+        prompts = self._decoder_prompts(sources)
         rows = [p + a for p, a in zip(prompts, answers)]
         labels = [[IGNORE_INDEX] * len(p) + a for p, a in zip(prompts, answers)]
         batch = self._pad(rows, left=True)
         batch["labels"] = self._pad_rows(labels, IGNORE_INDEX, left=True)
         return batch
 
+    def _decoder_prompts(self, sources):
+        # Over the limit: the head of the prompt before the answer cue, then the whole cue.
+        cue = self.tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        rows = []
+        for source in sources:
+            whole = self.tokenizer(source, add_special_tokens=False)["input_ids"]
+            if len(whole) <= self.max_source_len:
+                rows.append(whole)
+            elif source.endswith(ANSWER_CUE) and len(cue) < self.max_source_len:
+                body = self.tokenizer(source[: -len(ANSWER_CUE)], add_special_tokens=False)["input_ids"]
+                rows.append(body[: self.max_source_len - len(cue)] + cue)
+            else:
+                rows.append(whole[: self.max_source_len])
+        return rows
+
     def generation_batch(self, sources):
-        prompts = self._encode(sources, self.max_source_len, special=self.is_encoder_decoder)
-        return self._pad(prompts, left=not self.is_encoder_decoder)
+        if self.is_encoder_decoder:
+            return self._pad(self._encode(sources, self.max_source_len, special=True), left=False)
+        return self._pad(self._decoder_prompts(sources), left=True)
 
     def _pad(self, rows, left):
         ids = self._pad_rows(rows, self.pad_id, left)
@@ -97,8 +114,9 @@ class _ReferenceCollator:
 _LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen " * 8
 _BATCHES = [
     # uneven lengths; the long source is cut at max_source_len, the long answer at max_target_len
-    (["short", "a longer prompt with several more words\nOutput: ", _LONG, "mid length prompt here"],
-     ["red", "", "a rather long answer that does not fit in the target budget at all", "blue green"]),
+    (["short", "a longer prompt with several more words\nOutput: ", _LONG, "mid length prompt here",
+      "Definition line.\n" + _LONG + ANSWER_CUE],
+     ["red", "", "a rather long answer that does not fit in the target budget at all", "blue green", "cue"]),
     (["only one prompt"], ["only one answer"]),  # batch of one: no padding at all
     ([_LONG, _LONG + "extra"], ["x", "y z"]),  # every source truncated: equal widths
     (["", "some words"], ["a", "b"]),  # an empty prompt

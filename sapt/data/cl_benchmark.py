@@ -121,7 +121,32 @@ def load_task(
     else:
         kind = "generation"
     template = superni_prompt if bench == "SuperNI" else long_sequence_prompt
+    return assemble_task(
+        name, kind, instruction, template, train_raw, test_raw,
+        labels=_labels(folder / "labels.json") if bench == "Long_Sequence" else None,
+        train_source=str(train_file), max_train=max_train, max_eval=max_eval, val_size=val_size, seed=seed,
+    )
 
+
+def assemble_task(
+    name: str,
+    kind: TaskKind,
+    instruction: str,
+    template,
+    train_raw: list[_Raw],
+    test_raw: list[_Raw],
+    *,
+    labels: tuple[str, ...] | None,
+    train_source: str,
+    train_field: str = "Instances",
+    max_train: int | None,
+    max_eval: int | None,
+    val_size: int,
+    seed: int,
+) -> TaskData:
+    """A task from validated ``(input, references)`` pairs: the validation split carved from train
+    by a seeded shuffle, seeded caps, one training reference per instance, the template applied.
+    ``train_source`` and ``train_field`` name the training data in errors."""
     # Separate streams per purpose (string seeds hash deterministically), so changing one cap never
     # changes what another draw picks.
     split_rng = random.Random(f"{seed}:{name}:split")
@@ -131,8 +156,8 @@ def load_task(
     if not train_idx:
         raise SaptError(
             f"val_size={val_size} leaves no training instances ({len(train_raw)} in the file)",
-            source=str(train_file),
-            field="Instances",
+            source=train_source,
+            field=train_field,
         )
     if max_train is not None:
         train_idx = train_idx[:max_train]  # head of a seeded shuffle = seeded sample
@@ -159,7 +184,7 @@ def load_task(
         train=build(train_raw, train_idx, "train-target"),
         val=build(train_raw, val_idx, "train-target"),
         test=build(test_raw, test_idx, "test-target"),
-        labels=_labels(folder / "labels.json") if bench == "Long_Sequence" else None,
+        labels=labels,
     )
 
 
