@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 
@@ -83,10 +84,16 @@ def load_backbone(
                 f"unknown embedded backbone {spec!r}; known: {', '.join(EMBEDDED_BACKBONES)}",
                 source="backbone",
             )
-        return _EMBEDDED[name](cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks)
-    from sapt.backbones.hub import load_hub_backbone
+        backbone = _EMBEDDED[name](cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks)
+    else:
+        from sapt.backbones.hub import load_hub_backbone
 
-    return load_hub_backbone(spec, cache_dir=cache_dir)
+        backbone = load_hub_backbone(spec, cache_dir=cache_dir)
+    if not backbone.is_encoder_decoder and "logits_to_keep" in inspect.signature(backbone.model.forward).parameters:
+        from sapt.backbones.answer_head import compute_head_only_for_answers
+
+        compute_head_only_for_answers(backbone.model)
+    return backbone
 
 
 def check_backbone(

@@ -174,9 +174,12 @@ class Lfpt5(Method):
             return logits.new_zeros(())
         new = logits[remembered]
         labels = inputs["labels"][remembered]
-        if not model.is_encoder_decoder:  # logits at position i predict token i + 1, after the prompt
-            prompt = new.shape[1] - labels.shape[1]
-            labels = F.pad(labels, (prompt, 0), value=IGNORE_INDEX)[:, 1:]
+        if not model.is_encoder_decoder:
+            # The logits cover the sequence's last positions (all of them, the soft prompt's included,
+            # or from just before the first answer token on): labels right-aligned to them, then
+            # position i's logits against token i + 1.
+            width = new.shape[1]
+            labels = F.pad(labels, (max(width - labels.shape[1], 0), 0), value=IGNORE_INDEX)[:, -width:][:, 1:]
             new, old = new[:, :-1], old[:, :-1]
         answer = labels != IGNORE_INDEX
         kl = F.kl_div(F.log_softmax(new[answer].float(), -1), F.log_softmax(old[answer].float(), -1),
