@@ -10,7 +10,8 @@ the paper's per-method settings), `--method-set METHOD:KEY=VALUE` applies to tha
 the `--set` values, and the table's heading lists it. The FWT
 reference (the method whose stages are all single-task references, `single`) runs first and every
 other method measures FWT against it. Prints a markdown table of AP / F.Ra / FWT / BWT / routing or
-selection accuracy / wall time (mean +- std over seeds), writes OUTPUT/compare.md and OUTPUT/compare.json
+selection accuracy / wall time (mean +- std over seeds), with a zero-shot row (the backbone untrained, `sapt
+zero-shot`; `--no-zero-shot` leaves it out), writes OUTPUT/compare.md and OUTPUT/compare.json
 (every accuracy matrix), and logs a "compare-methods" MLflow run. A method-seed whose results.json
 exists with the same config is kept, not rerun.
 """
@@ -34,6 +35,7 @@ from sapt.evaluation.metrics import cl_metrics
 from sapt.methods import METHODS, build_method
 
 METRICS = ("AP", "F.Ra", "FWT", "BWT")
+ZERO_SHOT = "zero-shot"  # the untrained backbone's row (not a method: nothing is trained)
 CONFIG_FILE = "compare-config.json"  # beside results.json: the config that produced it (for resuming)
 PROBE_TASKS = 3  # a method's stage layout does not depend on the number of tasks: probe it with a few
 # Config keys that do not change what a run learns (the runner's resumable keys) plus the FWT
@@ -148,10 +150,10 @@ def _compared(run: RunConfig) -> dict[str, str]:
     return flat
 
 
-def kept_results(run: RunConfig) -> tuple[Path | None, str]:
-    """results.json of an earlier run of this exact config, or None and why it cannot be kept."""
+def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | None, str]:
+    """``file`` (results.json) of an earlier run of this exact config, or None and why it cannot be kept."""
     folder = Path(run.output_dir)
-    results, saved = folder / "results.json", folder / CONFIG_FILE
+    results, saved = folder / file, folder / CONFIG_FILE
     if not results.exists():
         return None, ""
     if not saved.exists():
@@ -219,6 +221,36 @@ def run_all(args: argparse.Namespace, names: list[str], seeds: list[int], fwt_re
     return results
 
 
+def zero_shot_rows(args: argparse.Namespace, seeds: list[int], tracking_uri: str, method: str) -> dict[int, dict]:
+    """The bare backbone's scores per seed (``sapt zero-shot``) under ``method``'s config (only the
+    shared keys matter: nothing is trained), kept when already there."""
+    from sapt.cluster.zero_shot import run_zero_shot
+
+    rows = {}
+    for seed in seeds:
+        run = run_config(args, method, seed, None, tracking_uri)
+        run = run.model_copy(update={"output_dir": str(run_dir(args.output, ZERO_SHOT, seed))})
+        path, why = kept_results(run, "zero_shot.json")
+        if path is None:
+            progress(f"{ZERO_SHOT} seed {seed}: {'rerunning (' + why + ')' if why else 'started'}")
+            path = run_zero_shot(run)
+            keep_config(run)
+        rows[seed] = json.loads(path.read_text())
+    return rows
+
+
+def summarise_zero_shot(rows: dict[int, dict]) -> dict:
+    """The zero-shot row: AP is the mean score of the untrained backbone; nothing else is defined."""
+    per_seed = {seed: {**dict.fromkeys(METRICS), "AP": r["mean"], "routing": None, "seconds": r["seconds"]}
+                for seed, r in rows.items()}
+    columns = {}
+    for column in (*METRICS, "routing", "seconds"):
+        values = [m[column] for m in per_seed.values() if m[column] is not None]
+        columns[column] = {"mean": statistics.fmean(values) if values else None,
+                           "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+    return {"reference": "zero-shot", "per_seed": per_seed, "columns": columns}
+
+
 def summarise(results: dict[str, dict[int, dict]], kinds: dict[str, str], fwt_reference: str | None) -> dict:
     """Per method: its metrics per seed (recomputed against that seed's FWT reference) and mean/std."""
     singles = {seed: r["single"] for seed, r in results.get(fwt_reference, {}).items()} if fwt_reference else {}
@@ -255,7 +287,8 @@ def markdown(summary: dict, heading: str, fwt_reference: str | None) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in rows:
         s = summary[name]
-        label = {"fwt": f"{name} (reference: FWT)", "joint": f"{name} (reference: joint)"}.get(s["reference"], name)
+        label = {"fwt": f"{name} (reference: FWT)", "joint": f"{name} (reference: joint)",
+                 "zero-shot": f"{name} (reference: the backbone untrained)"}.get(s["reference"], name)
         c = s["columns"]
         lines.append(f"| {label} | " + " | ".join(cell(c[m]) for m in METRICS)
                      + f" | {cell(c['routing'])} | {cell(c['seconds'], 0)} |")
@@ -312,6 +345,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="", help="comma-separated; default: the config's seed")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
     parser.add_argument("--tracking-uri", default="", help="default: sqlite:///OUTPUT/mlflow.db")
+    parser.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the untrained backbone's row (sapt zero-shot; default: yes)")
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("SAPT_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -333,12 +368,15 @@ def main() -> None:
         ensure_experiment(tracking_uri, base.mlflow.experiment, args.output)
         tags = {"sapt.compare": str(args.output.resolve())}  # on every run of the comparison
         results = run_all(args, names, seeds, fwt_reference, tracking_uri, tags)
+        zero_shot = zero_shot_rows(args, seeds, tracking_uri, names[0]) if args.zero_shot else {}
     except SaptError as err:
         raise SystemExit(f"compare_methods: error: {err}") from None
     from sapt.cluster.session import shutdown_ray
 
     shutdown_ray()  # flush forwarded worker logs before the table
     summary = summarise(results, kinds, fwt_reference)
+    if zero_shot:
+        summary[ZERO_SHOT] = summarise_zero_shot(zero_shot)
     order = next(iter(next(iter(results.values())).values()))["order"]
     heading = (f"Methods compared on `{args.config}` ({len(order)} tasks: {', '.join(order)}; backbone "
                f"{base.backbone}), seeds {', '.join(map(str, seeds))}; overrides: "
@@ -353,6 +391,7 @@ def main() -> None:
         "runs": {n: {str(seed): {k: r.get(k) for k in ("matrix", "single", "metrics", "routing_accuracy",
                                                        "seconds", "mlflow", "results_path")}
                      for seed, r in runs.items()} for n, runs in results.items()},
+        ZERO_SHOT: {str(seed): r for seed, r in zero_shot.items()},
     }, indent=2))
     run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
                            {"config": args.config, "overrides": json.dumps(args.set),

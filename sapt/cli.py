@@ -47,6 +47,26 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(path.resolve())
 
 
+def _cmd_zero_shot(args: argparse.Namespace) -> None:
+    from sapt.cluster.zero_shot import run_zero_shot
+    from sapt.config import load_config
+    from sapt.console import Console, log_path
+
+    run = load_config(args.config, args.set)
+    with Console(log_path(run.output_dir), verbose=args.verbose) as console:
+        print(f"log: {console.path}", file=console.err, flush=True)
+        try:
+            path = run_zero_shot(run, actors=args.actors)
+        finally:
+            _shutdown_ray()
+    result = json.loads(path.read_text())
+    for task, score in result["scores"].items():
+        print(f"{task:<32} {score:6.1f}")
+    print(f"{'mean':<32} {result['mean']:6.1f}  ({run.backbone}, no training, {result['split']} split, "
+          f"{result['seconds']:.0f} s)")
+    print(path.resolve())
+
+
 def _cmd_metrics(args: argparse.Namespace) -> None:
     from sapt.evaluation.metrics import cl_metrics, load_matrix_file
 
@@ -198,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true",
                      help="also show Ray's, DeepSpeed's and the workers' own output (always in OUTPUT_DIR/logs/)")
     run.set_defaults(handler=_cmd_run)
+
+    zero_shot = commands.add_parser("zero-shot", help="score the bare backbone on every task of the order "
+                                    "(no training: the zero-shot reference row)")
+    zero_shot.add_argument("config", help="as for `sapt run`: the order, caps, seed and backbone are read from it")
+    zero_shot.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for `sapt run`")
+    zero_shot.add_argument("--actors", type=int, default=1, help="backbone replicas (Ray Data actors)")
+    zero_shot.add_argument("--verbose", action="store_true", help="as for `sapt run`")
+    zero_shot.set_defaults(handler=_cmd_zero_shot)
 
     registry = commands.add_parser("registry", help="adapter pools in the MLflow model registry")
     actions = registry.add_subparsers(dest="action", required=True)

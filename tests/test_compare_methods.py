@@ -55,3 +55,12 @@ def test_the_script_refuses_a_bad_method_set_before_any_run(tmp_path):
     assert proc.returncode != 0
     assert "--method-set nope:train.lr=1" in proc.stderr and "unknown method" in proc.stderr
     assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+def test_the_zero_shot_row_has_the_untrained_backbones_mean_as_ap_and_nothing_else():
+    rows = {1: {"mean": 20.0, "seconds": 8.0}, 2: {"mean": 30.0, "seconds": 9.0}}
+    summary = {"seq-lora": {"reference": None, "per_seed": {}, "columns": {
+        c: {"mean": 1.0, "std": None, "n": 1} for c in (*compare.METRICS, "routing", "seconds")}},
+        compare.ZERO_SHOT: compare.summarise_zero_shot(rows)}
+    line = next(x for x in compare.markdown(summary, "# t", None).splitlines() if x.startswith("| zero-shot"))
+    assert line == "| zero-shot (reference: the backbone untrained) | 25.0 +- 7.1 | - | - | - | - | 8 +- 1 |"
