@@ -13,7 +13,13 @@ other method measures FWT against it. Prints a markdown table of AP / F.Ra / FWT
 selection accuracy / wall time (mean +- std over seeds), with a zero-shot row (the backbone untrained, `sapt
 zero-shot`; `--no-zero-shot` leaves it out), writes OUTPUT/compare.md and OUTPUT/compare.json
 (every accuracy matrix), and logs a "compare-methods" MLflow run. A method-seed whose results.json
-exists with the same config is kept, not rerun.
+exists with the same config is kept, not rerun, so a half-finished table resumes where it stopped.
+
+Rows beyond the methods: `--variant LABEL=METHOD:KEY=VALUE[;KEY=VALUE]` (a method with its own overrides,
+e.g. `lfpt5-30=lfpt5:method_args.prompt_length=30`) and `--ablations` (SAPT-LoRA's Table 2: without ARM,
+with real replay, without alignment, without shared attention). `--orders A,B` runs the whole table per
+order (a named order, or `task+task+...`) into OUTPUT/ORDER/ (the paper's Table 8) and writes the table
+over every order and seed to OUTPUT/compare.md (Table 1 averages its orders).
 """
 
 from __future__ import annotations
@@ -114,15 +120,51 @@ def check_method_args(sets: list[str]) -> None:
                 raise SaptError("no method has this key", source=f"--set {assignment}", field=f"method_args.{k}")
 
 
+# The SAPT paper's Table 2: SAPT-LoRA without ARM, with real replay instead of pseudo inputs, without
+# the alignment of attention, without shared attention (sapt-method.md; method_args.ablation).
+ABLATIONS = {f"sapt-lora-{a}": ("sapt-lora", [f"method_args.ablation={a}"])
+             for a in ("no-arm", "replay", "no-alignment", "no-sa")}
+
+
+def parse_variants(entries: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """``--variant LABEL=METHOD:KEY=VALUE[;KEY=VALUE...]`` entries as label -> (method, its overrides).
+
+    Raises:
+        SaptError: an entry without ``LABEL=METHOD``, a method not in ``METHODS``, or a label that is a method.
+    """
+    variants: dict[str, tuple[str, list[str]]] = {}
+    for entry in entries:
+        label, equals, rest = entry.partition("=")
+        method, _, assignments = rest.partition(":")
+        if not equals or not label or not method:
+            raise SaptError("expected LABEL=METHOD:KEY=VALUE[;KEY=VALUE]", source=f"--variant {entry}")
+        if method not in METHODS:
+            raise SaptError(f"unknown method {method!r}; known: {', '.join(METHODS)}", source=f"--variant {entry}")
+        if label in METHODS:
+            raise SaptError("a variant's label must not be a method's name", source=f"--variant {entry}")
+        sets = [a for a in assignments.split(";") if a]
+        if any("=" not in a for a in sets):
+            raise SaptError("expected LABEL=METHOD:KEY=VALUE[;KEY=VALUE]", source=f"--variant {entry}")
+        variants[label] = (method, sets)
+    return variants
+
+
+def method_of(args: argparse.Namespace, label: str) -> str:
+    return getattr(args, "rows", {}).get(label, (label, []))[0]
+
+
 def run_config(args: argparse.Namespace, name: str, seed: int, single: Path | None, tracking_uri: str) -> RunConfig:
-    """The config of one method-seed: the shared config and budget, this method with default
-    ``method_args`` (the config file's belong to its own method), its own output folder, no pool."""
+    """The config of one row-seed: the shared config and budget, the row's method with default
+    ``method_args`` (the config file's belong to its own method) and, for a variant, its own
+    overrides last; its own output folder, no pool."""
+    method, variant_sets = getattr(args, "rows", {}).get(name, (name, []))
     sets = [
-        f"method={name}",
+        f"method={method}",
         "method_args={}",
         f"mlflow.tracking_uri={tracking_uri}",  # every run in the comparison's store; a --set may move them
-        *method_overrides(name, args.set),
-        *args.method_sets.get(name, []),  # this method's own values win
+        *method_overrides(method, args.set),
+        *args.method_sets.get(method, []),  # this method's own values win
+        *variant_sets,  # and a variant's over those
         f"seed={seed}",
         f"output_dir={run_dir(args.output, name, seed)}",
         f"single_results={single or ''}",
@@ -251,7 +293,7 @@ def summarise_zero_shot(rows: dict[int, dict]) -> dict:
     return {"reference": "zero-shot", "per_seed": per_seed, "columns": columns}
 
 
-def summarise(results: dict[str, dict[int, dict]], kinds: dict[str, str], fwt_reference: str | None) -> dict:
+def summarise(results: dict[str, dict[int, dict]], kinds: dict[str, str | None], fwt_reference: str | None) -> dict:
     """Per method: its metrics per seed (recomputed against that seed's FWT reference) and mean/std."""
     singles = {seed: r["single"] for seed, r in results.get(fwt_reference, {}).items()} if fwt_reference else {}
     summary = {}
@@ -335,6 +377,67 @@ def ensure_experiment(tracking_uri: str, experiment: str, output: Path) -> None:
         client.create_experiment(experiment, artifact_location=(output / "mlartifacts").resolve().as_uri())
 
 
+def compare_order(args: argparse.Namespace, names: list[str], seeds: list[int], kinds: dict[str, str | None],
+                  fwt_reference: str | None, output: Path, sets: list[str]) -> dict:
+    """One order's table: every row-seed run (or kept), the zero-shot row, OUTPUT/compare.md and
+    compare.json, one "compare-methods" MLflow run. Returns what compare.json holds."""
+    order_args = argparse.Namespace(**{**vars(args), "output": output, "set": sets})
+    tracking_uri = args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
+    output.mkdir(parents=True, exist_ok=True)
+    base = run_config(order_args, names[0], seeds[0], None, tracking_uri)
+    ensure_experiment(tracking_uri, base.mlflow.experiment, args.output)
+    tags = {"sapt.compare": str(output.resolve())}  # on every run of the comparison
+    results = run_all(order_args, names, seeds, fwt_reference, tracking_uri, tags)
+    zero_shot = zero_shot_rows(order_args, seeds, tracking_uri, names[0]) if args.zero_shot else {}
+    from sapt.cluster.session import shutdown_ray
+
+    shutdown_ray()  # flush forwarded worker logs before the table
+    summary = summarise(results, kinds, fwt_reference)
+    if zero_shot:
+        summary[ZERO_SHOT] = summarise_zero_shot(zero_shot)
+    order = next(iter(next(iter(results.values())).values()))["order"]
+    heading = (f"Methods compared on `{args.config}` ({len(order)} tasks: {', '.join(order)}; backbone "
+               f"{base.backbone}), seeds {', '.join(map(str, seeds))}; overrides: "
+               f"{' '.join([*sets, *args.method_set, *args.variant]) or 'none'}")
+    table = markdown(summary, heading, fwt_reference)
+    md, js = output / "compare.md", output / "compare.json"
+    md.write_text(table)
+    report = {
+        "config": args.config, "overrides": sets, "method_overrides": args.method_sets,
+        "variants": {label: list(row) for label, row in args.rows.items() if label not in METHODS},
+        "seeds": seeds, "order": order, "backbone": base.backbone,
+        "fwt_reference": fwt_reference, "summary": summary,
+        "runs": {n: {str(seed): {k: r.get(k) for k in ("matrix", "single", "metrics", "routing_accuracy",
+                                                       "seconds", "mlflow", "results_path")}
+                     for seed, r in runs.items()} for n, runs in results.items()},
+        ZERO_SHOT: {str(seed): r for seed, r in zero_shot.items()},
+    }
+    js.write_text(json.dumps(report, indent=2))
+    run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
+                           {"config": args.config, "overrides": json.dumps(sets),
+                            "method_overrides": json.dumps(args.method_sets), "methods": ",".join(names),
+                            "seeds": ",".join(map(str, seeds)), "order": json.dumps(order)}, tags)
+    print(table)
+    print(f"MLflow: run {run_id} (compare-methods) in {tracking_uri}", file=sys.stderr)
+    return {**report, "table": table, "markdown_path": str(md)}
+
+
+def over_orders(reports: dict[str, dict]) -> dict:
+    """Per row, every metric over all (order, seed) cells: the paper's Table 1 averages its orders."""
+    rows: dict[str, dict] = {}
+    for report in reports.values():
+        for name, s in report["summary"].items():
+            row = rows.setdefault(name, {"reference": s["reference"], "per_seed": {}, "columns": {}})
+            for seed, metrics in s["per_seed"].items():
+                row["per_seed"][f"{report['order_name']}/{seed}"] = metrics
+    for row in rows.values():
+        for column in (*METRICS, "routing", "seconds"):
+            values = [m[column] for m in row["per_seed"].values() if m[column] is not None]
+            row["columns"][column] = {"mean": statistics.fmean(values) if values else None,
+                                      "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo", help="a preset name or a YAML file")
@@ -342,6 +445,12 @@ def main() -> None:
     parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                         help="KEY=VALUE for METHOD only, applied after --set")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default: every method")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD:KEY=VALUE[;KEY=VALUE]",
+                        help="an extra row: METHOD with these overrides, e.g. lfpt5-30=lfpt5:method_args.prompt_length=30")
+    parser.add_argument("--ablations", action="store_true",
+                        help="add SAPT-LoRA's Table 2 rows: " + ", ".join(ABLATIONS))
+    parser.add_argument("--orders", default="", help="comma-separated orders (a named one, or task+task+...), "
+                        "one table each and one over all (Table 8 and Table 1); default: the config's order")
     parser.add_argument("--seeds", default="", help="comma-separated; default: the config's seed")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
     parser.add_argument("--tracking-uri", default="", help="default: sqlite:///OUTPUT/mlflow.db")
@@ -354,51 +463,43 @@ def main() -> None:
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    orders = [o for o in args.orders.split(",") if o]
     try:
         check_method_args(args.set)
         args.method_sets = per_method_sets(args.method_set)  # a malformed entry fails here, before any run
+        variants = {**(ABLATIONS if args.ablations else {}), **parse_variants(args.variant)}
+        args.rows = {**{n: (n, []) for n in names}, **variants}
+        names += [label for label in variants if label not in names]
         base = load_config(args.config, [*method_overrides(names[0], args.set), "method_args={}",
                                          f"method={names[0]}"])
         seeds = [int(s) for s in args.seeds.split(",") if s] or [base.seed]
-        kinds = reference_kinds(base)
-        fwt_reference = next((n for n, k in kinds.items() if k == "fwt"), None)
+        method_kinds = reference_kinds(base)
+        kinds = {label: method_kinds.get(method_of(args, label)) if label in METHODS else None for label in names}
+        fwt_reference = next((n for n, k in method_kinds.items() if k == "fwt"), None)
         names.sort(key=lambda n: n != fwt_reference)  # the FWT reference first; the rest keep their order
-        tracking_uri = args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
-        args.output.mkdir(parents=True, exist_ok=True)
-        ensure_experiment(tracking_uri, base.mlflow.experiment, args.output)
-        tags = {"sapt.compare": str(args.output.resolve())}  # on every run of the comparison
-        results = run_all(args, names, seeds, fwt_reference, tracking_uri, tags)
-        zero_shot = zero_shot_rows(args, seeds, tracking_uri, names[0]) if args.zero_shot else {}
+        for label in names:  # every row's config before any run: a bad variant fails in seconds
+            run_config(args, label, seeds[0], None, "sqlite:///check.db")
+        reports = {}
+        for name in orders or [""]:
+            output = args.output / name if name else args.output
+            order = f"[{name.replace('+', ',')}]" if "+" in name else name  # an ad-hoc order: task+task+...
+            sets = [*args.set, f"order={order}"] if name else list(args.set)
+            reports[name or "config"] = {**compare_order(args, names, seeds, kinds, fwt_reference, output, sets),
+                                         "order_name": name or "config"}
     except SaptError as err:
         raise SystemExit(f"compare_methods: error: {err}") from None
-    from sapt.cluster.session import shutdown_ray
-
-    shutdown_ray()  # flush forwarded worker logs before the table
-    summary = summarise(results, kinds, fwt_reference)
-    if zero_shot:
-        summary[ZERO_SHOT] = summarise_zero_shot(zero_shot)
-    order = next(iter(next(iter(results.values())).values()))["order"]
-    heading = (f"Methods compared on `{args.config}` ({len(order)} tasks: {', '.join(order)}; backbone "
-               f"{base.backbone}), seeds {', '.join(map(str, seeds))}; overrides: "
-               f"{' '.join([*args.set, *args.method_set]) or 'none'}")
-    table = markdown(summary, heading, fwt_reference)
-    md, js = args.output / "compare.md", args.output / "compare.json"
-    md.write_text(table)
-    js.write_text(json.dumps({
-        "config": args.config, "overrides": args.set, "method_overrides": args.method_sets,
-        "seeds": seeds, "order": order, "backbone": base.backbone,
-        "fwt_reference": fwt_reference, "summary": summary,
-        "runs": {n: {str(seed): {k: r.get(k) for k in ("matrix", "single", "metrics", "routing_accuracy",
-                                                       "seconds", "mlflow", "results_path")}
-                     for seed, r in runs.items()} for n, runs in results.items()},
-        ZERO_SHOT: {str(seed): r for seed, r in zero_shot.items()},
-    }, indent=2))
-    run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
-                           {"config": args.config, "overrides": json.dumps(args.set),
-                            "method_overrides": json.dumps(args.method_sets), "methods": ",".join(names),
-                            "seeds": ",".join(map(str, seeds)), "order": json.dumps(order)}, tags)
-    print(table)
-    print(f"MLflow: run {run_id} (compare-methods) in {tracking_uri}", file=sys.stderr)
+    if len(reports) > 1:
+        heading = (f"Every order ({', '.join(reports)}) of `{args.config}`: mean +- std over each order and seed")
+        table = markdown(over_orders(reports), heading, fwt_reference)
+        md = args.output / "compare.md"
+        md.write_text(table + "\n" + "\n".join(f"- {name}: {r['markdown_path']}" for name, r in reports.items()) + "\n")
+        tracking_uri = args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
+        log_to_mlflow(tracking_uri, base.mlflow.experiment, over_orders(reports), [md],
+                      {"config": args.config, "orders": ",".join(reports), "seeds": ",".join(map(str, seeds))},
+                      {"sapt.compare": str(args.output.resolve())})
+        print(table)
+    else:
+        md = Path(next(iter(reports.values()))["markdown_path"])
     print(md.resolve())
 
 

@@ -64,3 +64,37 @@ def test_the_zero_shot_row_has_the_untrained_backbones_mean_as_ap_and_nothing_el
         compare.ZERO_SHOT: compare.summarise_zero_shot(rows)}
     line = next(x for x in compare.markdown(summary, "# t", None).splitlines() if x.startswith("| zero-shot"))
     assert line == "| zero-shot (reference: the backbone untrained) | 25.0 +- 7.1 | - | - | - | - | 8 +- 1 |"
+
+
+def test_a_variant_runs_its_method_with_its_own_overrides_last(tmp_path):
+    args = _args(tmp_path, method_sets=["sapt-lora:method_args.kl_weight=1", "sapt-lora:train.lr=0.01"])
+    args.rows = {**compare.ABLATIONS, **compare.parse_variants(["fast=sapt-lora:train.lr=0.02;method_args.kl_weight=3"])}
+    no_arm = compare.run_config(args, "sapt-lora-no-arm", 1, None, "sqlite:///x.db")
+    fast = compare.run_config(args, "fast", 1, None, "sqlite:///x.db")
+    assert no_arm.method == "sapt-lora" and no_arm.method_args["ablation"] == "no-arm"
+    assert no_arm.method_args["kl_weight"] == 1 and no_arm.train.lr == 0.01
+    assert fast.method_args["ablation"] == "none" and fast.method_args["kl_weight"] == 3 and fast.train.lr == 0.02
+    assert no_arm.output_dir.endswith("sapt-lora-no-arm/seed1") and fast.output_dir.endswith("fast/seed1")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("fast", "expected LABEL=METHOD"),
+    ("fast=nope:train.lr=1", "unknown method 'nope'"),
+    ("seq-lora=sapt-lora:train.lr=1", "must not be a method's name"),
+    ("fast=sapt-lora:train.lr", "expected LABEL=METHOD"),
+])
+def test_malformed_variants_are_refused_naming_the_entry(entry, message):
+    with pytest.raises(SaptError) as info:
+        compare.parse_variants([entry])
+    assert message in str(info.value) and entry in str(info.value)
+
+
+def test_the_table_over_orders_weighs_every_order_and_seed_alike():
+    def report(name, aps):
+        per_seed = {seed: {**dict.fromkeys(compare.METRICS), "AP": ap, "routing": None, "seconds": 1.0}
+                    for seed, ap in enumerate(aps)}
+        return {"order_name": name, "summary": {"sapt-lora": {"reference": None, "per_seed": per_seed}}}
+
+    rows = compare.over_orders({"a": report("a", [10.0, 20.0]), "b": report("b", [60.0])})
+    ap = rows["sapt-lora"]["columns"]["AP"]
+    assert ap["mean"] == 30.0 and ap["n"] == 3 and sorted(rows["sapt-lora"]["per_seed"]) == ["a/0", "a/1", "b/0"]
