@@ -31,6 +31,9 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 needs a GPU to pay off.")
     max_source_len: int = Field(512, ge=8)
     max_target_len: int = Field(50, ge=1)
+    prompt_format: Literal["auto", "raw", "chat"] = Field(
+        "auto", description="Decoder-only prompts in the tokenizer's chat template (chat), as they are (raw), "
+        "or chat when the tokenizer has a template (auto: instruction-tuned models); encoder-decoders: raw.")
     log_every: int = Field(10, ge=1, description="Steps between progress lines.")
 
 

@@ -22,7 +22,7 @@ QUESTIONS = [("What is the capital of France?", "Paris"), ("What is the capital 
 @pytest.fixture
 def capitals(tmp_path):
     """A generation task of one's own (no task.json: Rouge-L, no definition line) that an instruction-tuned
-    model answers untrained, if wordily, from the raw prompt."""
+    model answers untrained, if wordily ("The capital of France is Paris.")."""
     folder = tmp_path / "data" / "capitals"
     folder.mkdir(parents=True)
     for split, rows in (("train", QUESTIONS * 2), ("test", QUESTIONS)):
@@ -42,7 +42,8 @@ def test_sapt_zero_shot_scores_the_bare_backbone_on_the_runs_test_items(local_ra
     (task,) = load_tasks(str(capitals), ["capitals"], max_train_per_task=run.max_train_per_task,
                          max_eval_per_task=run.max_eval_per_task, val_size=2, seed=run.seed)
     backbone = load_backbone(run.backbone)
-    collator = Collator(backbone.tokenizer, False, run.train.max_source_len, run.train.max_target_len)
+    collator = Collator.for_backbone(backbone, run.train.max_source_len, run.train.max_target_len,
+                                     run.train.prompt_format)  # auto: SmolLM2's chat template
     answers = generate_answers(backbone.model, collator, [ex.source for ex in task.test], max_new_tokens=12,
                                device=torch.device("cpu"))
     expected = score_task(task.kind, answers, [ex.references for ex in task.test])

@@ -117,4 +117,28 @@ def check_backbone(
     return check_hub_backbone(spec, cache_dir=cache_dir)
 
 
-__all__ = ["EMBEDDED_BACKBONES", "Backbone", "check_backbone", "load_backbone"]
+def check_chat_template(
+    spec: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    data_dir: str | None = None,
+    exclude_tasks: Sequence[str] = (),
+) -> None:
+    """For ``train.prompt_format: chat``: fails fast (SaptError naming the key) unless the backbone is
+    decoder-only and its tokenizer has a chat template. Reads the tokenizer and config only for a hub model."""
+    from sapt.data.collate import uses_chat_template
+
+    if spec.startswith(EMBEDDED_PREFIX):
+        backbone = load_backbone(spec, cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks)
+        uses_chat_template(backbone.tokenizer, backbone.is_encoder_decoder, "chat")
+        return
+    from transformers import AutoTokenizer
+
+    from sapt.backbones.hub import _resolve
+
+    where, kwargs, config = _resolve(spec, cache_dir)
+    uses_chat_template(AutoTokenizer.from_pretrained(where, **kwargs), bool(getattr(config, "is_encoder_decoder", False)),
+                       "chat")
+
+
+__all__ = ["EMBEDDED_BACKBONES", "Backbone", "check_backbone", "check_chat_template", "load_backbone"]

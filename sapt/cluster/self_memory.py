@@ -35,8 +35,8 @@ class SelfSampler:
         backbone = load_backbone(config.backbone, data_dir=config.data_dir or None, exclude_tasks=exclude_tasks)
         with ray.train.Checkpoint(checkpoint_path).as_directory() as directory:
             self.model = self.method.load_finished(backbone, Path(directory) / worker.STATE_DIR)
-        self.collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, config.train.max_source_len,
-                                 config.train.max_target_len)
+        self.collator = Collator.for_backbone(backbone, config.train.max_source_len, config.train.max_target_len,
+                                              config.train.prompt_format)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"task": [], "position": [], "source": [], "target": []}

@@ -173,7 +173,8 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, infos: list[TaskInfo
     model.to(device)
     use_bf16 = run.train.precision == "bf16"
     engine = build_engine(model, run.train, use_bf16=use_bf16, param_groups=method.param_groups(model, run.train.lr))
-    collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, run.train.max_source_len, run.train.max_target_len)
+    collator = Collator.for_backbone(backbone, run.train.max_source_len, run.train.max_target_len,
+                                     run.train.prompt_format)
 
     # Which remembered items are reflected or replayed in balanced batches.
     reflect_rng = random.Random(run.seed + 104729 * stage.row + rank)

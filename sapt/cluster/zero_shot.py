@@ -31,8 +31,8 @@ class BackboneAnswerer:
         config = RunConfig.model_validate(run)
         backbone = load_backbone(config.backbone, data_dir=config.data_dir or None, exclude_tasks=exclude_tasks)
         self.model = backbone.model
-        self.collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, config.train.max_source_len,
-                                 config.train.max_target_len)
+        self.collator = Collator.for_backbone(backbone, config.train.max_source_len, config.train.max_target_len,
+                                              config.train.prompt_format)
         self.max_new_tokens = config.eval.max_new_tokens
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -38,5 +38,4 @@ def generate_answers(
     )
     if not collator.is_encoder_decoder:
         out = out[:, batch["input_ids"].shape[1] :]  # drop the (left-padded) prompt
-    texts = collator.tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return [t.strip() for t in texts]
+    return collator.decode(out)

@@ -200,8 +200,7 @@ class Lfpt5(Method):
             split = split_at_mark(row, mark)
             if split is None:
                 continue
-            source, target = (collator.tokenizer.decode(part, skip_special_tokens=True,
-                                                        clean_up_tokenization_spaces=True).strip() for part in split)
+            source, target = collator.decode(split)
             if source and target:
                 items.append({"source": source, "target": target})
         return items

@@ -64,5 +64,4 @@ def sample_prompts(model, collator: Collator, count: int, settings: GeneratorSet
     )
     if not collator.is_encoder_decoder:
         out = out[:, batch["input_ids"].shape[1] :]
-    texts = collator.tokenizer.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return [t.strip() for t in texts]
+    return collator.decode(out)

@@ -79,8 +79,9 @@ class SaptPoolModel(mlflow.pyfunc.PythonModel):
             model = self.method.load_shared(backbone, artifacts["state"], meta["blocks"])
         self.model = model.to(self.device).eval()
         generation = meta["generation"]
-        self.collator = Collator(backbone.tokenizer, backbone.is_encoder_decoder, generation["max_source_len"],
-                                 generation["max_target_len"])
+        # Versions registered before prompt_format existed were all trained on raw prompts.
+        self.collator = Collator.for_backbone(backbone, generation["max_source_len"], generation["max_target_len"],
+                                              generation.get("prompt_format", "raw"))
 
     def _pool(self, backbone, artifacts: dict[str, Path], meta: dict):
         from sapt.registry.pool_store import rebuild_state

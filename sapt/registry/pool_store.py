@@ -68,17 +68,20 @@ class Generation:
         max_source_len, max_target_len: the Collator's limits (``train.max_source_len`` ...).
         max_new_tokens: greedy decoding length (``eval.max_new_tokens``).
         batch_size: prompts per ``generate`` call (``eval.batch_size``).
+        prompt_format: ``train.prompt_format`` (raw prompts or the chat template).
     """
 
     max_source_len: int
     max_target_len: int
     max_new_tokens: int
     batch_size: int = 64
+    prompt_format: str = "raw"
 
     @classmethod
     def from_run(cls, run) -> "Generation":
         """From a ``sapt.config.RunConfig``."""
-        return cls(run.train.max_source_len, run.train.max_target_len, run.eval.max_new_tokens, run.eval.batch_size)
+        return cls(run.train.max_source_len, run.train.max_target_len, run.eval.max_new_tokens, run.eval.batch_size,
+                   run.train.prompt_format)
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,8 @@ def register_task(
             "pet": dict(pet), "layout": staged.layout,
             "backbone": {"spec": backbone_spec, "identity": backbone_identity, "args": dict(backbone_args or {})},
             "generation": {"max_source_len": generation.max_source_len, "max_target_len": generation.max_target_len,
-                           "max_new_tokens": generation.max_new_tokens, "batch_size": generation.batch_size},
+                           "max_new_tokens": generation.max_new_tokens, "batch_size": generation.batch_size,
+                           "prompt_format": generation.prompt_format},
             "benchmark": benchmark, "order": names,
         }
         base_tags = {
