@@ -30,14 +30,18 @@ def test_a_method_set_changes_that_method_alone_and_wins_over_the_shared_set(tmp
     assert lora.train.lr == 0.005
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("sapt-prompt", "expected METHOD:KEY=VALUE"),
-    ("sapt-prompt:train.lr", "expected METHOD:KEY=VALUE"),
-    ("no-such-method:train.lr=1", "unknown method 'no-such-method'"),
+@pytest.mark.parametrize("parse, entry, message", [
+    (compare.per_method_sets, "sapt-prompt", "expected METHOD:KEY=VALUE"),
+    (compare.per_method_sets, "sapt-prompt:train.lr", "expected METHOD:KEY=VALUE"),
+    (compare.per_method_sets, "no-such-method:train.lr=1", "unknown method 'no-such-method'"),
+    (compare.parse_variants, "fast", "expected LABEL=METHOD"),
+    (compare.parse_variants, "fast=nope:train.lr=1", "unknown method 'nope'"),
+    (compare.parse_variants, "seq-lora=sapt-lora:train.lr=1", "must not be a method's name"),
+    (compare.parse_variants, "fast=sapt-lora:train.lr", "expected LABEL=METHOD"),
 ])
-def test_malformed_method_sets_are_refused_naming_the_entry(entry, message):
+def test_malformed_method_sets_and_variants_are_refused_naming_the_entry(parse, entry, message):
     with pytest.raises(SaptError) as info:
-        compare.per_method_sets([entry])
+        parse([entry])
     assert message in str(info.value) and entry in str(info.value)
 
 
@@ -75,18 +79,6 @@ def test_a_variant_runs_its_method_with_its_own_overrides_last(tmp_path):
     assert no_arm.method_args["kl_weight"] == 1 and no_arm.train.lr == 0.01
     assert fast.method_args["ablation"] == "none" and fast.method_args["kl_weight"] == 3 and fast.train.lr == 0.02
     assert no_arm.output_dir.endswith("sapt-lora-no-arm/seed1") and fast.output_dir.endswith("fast/seed1")
-
-
-@pytest.mark.parametrize("entry, message", [
-    ("fast", "expected LABEL=METHOD"),
-    ("fast=nope:train.lr=1", "unknown method 'nope'"),
-    ("seq-lora=sapt-lora:train.lr=1", "must not be a method's name"),
-    ("fast=sapt-lora:train.lr", "expected LABEL=METHOD"),
-])
-def test_malformed_variants_are_refused_naming_the_entry(entry, message):
-    with pytest.raises(SaptError) as info:
-        compare.parse_variants([entry])
-    assert message in str(info.value) and entry in str(info.value)
 
 
 def test_the_table_over_orders_weighs_every_order_and_seed_alike():
