@@ -265,7 +265,7 @@ class _Sapt(Method):
             raise RuntimeError(f"attention target for task {task} arrives after {len(self.targets)} targets")
         if self.args.ablation == "no-sa":  # a classifier's target: all weight on the task's own block
             mean_attention = F.one_hot(torch.tensor(task), len(mean_attention)).float()
-        self.targets.append([float(v) for v in mean_attention])
+        self.targets.append(mean_attention.detach().float().tolist())  # plain floats, off the graph
 
     def save(self, model: RoutedModel, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
