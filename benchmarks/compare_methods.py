@@ -149,15 +149,16 @@ def parse_variants(entries: list[str]) -> dict[str, tuple[str, list[str]]]:
     return variants
 
 
-def method_of(args: argparse.Namespace, label: str) -> str:
-    return getattr(args, "rows", {}).get(label, (label, []))[0]
+def row_of(args: argparse.Namespace, label: str) -> tuple[str, list[str]]:
+    """A row's method and its own overrides (a method's row: itself, none)."""
+    return getattr(args, "rows", {}).get(label, (label, []))
 
 
 def run_config(args: argparse.Namespace, name: str, seed: int, single: Path | None, tracking_uri: str) -> RunConfig:
     """The config of one row-seed: the shared config and budget, the row's method with default
     ``method_args`` (the config file's belong to its own method) and, for a variant, its own
     overrides last; its own output folder, no pool."""
-    method, variant_sets = getattr(args, "rows", {}).get(name, (name, []))
+    method, variant_sets = row_of(args, name)
     sets = [
         f"method={method}",
         "method_args={}",
@@ -281,16 +282,21 @@ def zero_shot_rows(args: argparse.Namespace, seeds: list[int], tracking_uri: str
     return rows
 
 
-def summarise_zero_shot(rows: dict[int, dict]) -> dict:
-    """The zero-shot row: AP is the mean score of the untrained backbone; nothing else is defined."""
-    per_seed = {seed: {**dict.fromkeys(METRICS), "AP": r["mean"], "routing": None, "seconds": r["seconds"]}
-                for seed, r in rows.items()}
+def columns_of(per_seed: dict) -> dict:
+    """Each table column over the cells of ``per_seed`` (seeds, or order/seed pairs): mean, std, count."""
     columns = {}
     for column in (*METRICS, "routing", "seconds"):
         values = [m[column] for m in per_seed.values() if m[column] is not None]
         columns[column] = {"mean": statistics.fmean(values) if values else None,
                            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-    return {"reference": "zero-shot", "per_seed": per_seed, "columns": columns}
+    return columns
+
+
+def summarise_zero_shot(rows: dict[int, dict]) -> dict:
+    """The zero-shot row: AP is the mean score of the untrained backbone; nothing else is defined."""
+    per_seed = {seed: {**dict.fromkeys(METRICS), "AP": r["mean"], "routing": None, "seconds": r["seconds"]}
+                for seed, r in rows.items()}
+    return {"reference": "zero-shot", "per_seed": per_seed, "columns": columns_of(per_seed)}
 
 
 def summarise(results: dict[str, dict[int, dict]], kinds: dict[str, str | None], fwt_reference: str | None) -> dict:
@@ -305,12 +311,7 @@ def summarise(results: dict[str, dict[int, dict]], kinds: dict[str, str | None],
                 # A reference's last row is not one model: its AP is the mean of its per-task scores.
                 metrics["AP"] = statistics.fmean(r["single"])
             per_seed[seed] = {**metrics, "routing": r.get("routing_accuracy"), "seconds": r.get("seconds")}
-        columns = {}
-        for column in (*METRICS, "routing", "seconds"):
-            values = [m[column] for m in per_seed.values() if m[column] is not None]
-            columns[column] = {"mean": statistics.fmean(values) if values else None,
-                               "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
-        summary[name] = {"reference": kinds.get(name), "per_seed": per_seed, "columns": columns}
+        summary[name] = {"reference": kinds.get(name), "per_seed": per_seed, "columns": columns_of(per_seed)}
     return summary
 
 
@@ -382,7 +383,7 @@ def compare_order(args: argparse.Namespace, names: list[str], seeds: list[int], 
     """One order's table: every row-seed run (or kept), the zero-shot row, OUTPUT/compare.md and
     compare.json, one "compare-methods" MLflow run. Returns what compare.json holds."""
     order_args = argparse.Namespace(**{**vars(args), "output": output, "set": sets})
-    tracking_uri = args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
+    tracking_uri = comparison_store(args)
     output.mkdir(parents=True, exist_ok=True)
     base = run_config(order_args, names[0], seeds[0], None, tracking_uri)
     ensure_experiment(tracking_uri, base.mlflow.experiment, args.output)
@@ -422,19 +423,21 @@ def compare_order(args: argparse.Namespace, names: list[str], seeds: list[int], 
     return {**report, "table": table, "markdown_path": str(md)}
 
 
+def comparison_store(args: argparse.Namespace) -> str:
+    """The MLflow store of every run and table of the comparison (all orders share it)."""
+    return args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
+
+
 def over_orders(reports: dict[str, dict]) -> dict:
     """Per row, every metric over all (order, seed) cells: the paper's Table 1 averages its orders."""
     rows: dict[str, dict] = {}
     for report in reports.values():
         for name, s in report["summary"].items():
-            row = rows.setdefault(name, {"reference": s["reference"], "per_seed": {}, "columns": {}})
+            row = rows.setdefault(name, {"reference": s["reference"], "per_seed": {}})
             for seed, metrics in s["per_seed"].items():
                 row["per_seed"][f"{report['order_name']}/{seed}"] = metrics
     for row in rows.values():
-        for column in (*METRICS, "routing", "seconds"):
-            values = [m[column] for m in row["per_seed"].values() if m[column] is not None]
-            row["columns"][column] = {"mean": statistics.fmean(values) if values else None,
-                                      "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+        row["columns"] = columns_of(row["per_seed"])
     return rows
 
 
@@ -474,7 +477,7 @@ def main() -> None:
                                          f"method={names[0]}"])
         seeds = [int(s) for s in args.seeds.split(",") if s] or [base.seed]
         method_kinds = reference_kinds(base)
-        kinds = {label: method_kinds.get(method_of(args, label)) if label in METHODS else None for label in names}
+        kinds = {label: method_kinds.get(row_of(args, label)[0]) if label in METHODS else None for label in names}
         fwt_reference = next((n for n, k in method_kinds.items() if k == "fwt"), None)
         names.sort(key=lambda n: n != fwt_reference)  # the FWT reference first; the rest keep their order
         for label in names:  # every row's config before any run: a bad variant fails in seconds
@@ -493,8 +496,7 @@ def main() -> None:
         table = markdown(over_orders(reports), heading, fwt_reference)
         md = args.output / "compare.md"
         md.write_text(table + "\n" + "\n".join(f"- {name}: {r['markdown_path']}" for name, r in reports.items()) + "\n")
-        tracking_uri = args.tracking_uri or f"sqlite:///{(args.output / 'mlflow.db').resolve()}"
-        log_to_mlflow(tracking_uri, base.mlflow.experiment, over_orders(reports), [md],
+        log_to_mlflow(comparison_store(args), base.mlflow.experiment, over_orders(reports), [md],
                       {"config": args.config, "orders": ",".join(reports), "seeds": ",".join(map(str, seeds))},
                       {"sapt.compare": str(args.output.resolve())})
         print(table)

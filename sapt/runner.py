@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sapt.backbones import check_backbone, check_chat_template
+from sapt.backbones import check_backbone
 from sapt.config import RunConfig
 from sapt.data.loading import load_tasks
 from sapt.data.types import TaskData
@@ -77,9 +77,8 @@ def run_sequence(run: RunConfig, *, resume: bool = False,
     names = [t.name for t in tasks]
     single = _single_scores(run.single_results, names)
     # Embedded backbones warm up once here, so this node's workers read them from the cache.
-    identity = check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names)
-    if run.train.prompt_format == "chat":  # a backbone without a chat template is refused before any worker starts
-        check_chat_template(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names)
+    identity = check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names,
+                              prompt_format=run.train.prompt_format)
     stages = method.stages(len(tasks))
 
     from sapt.cluster.session import ensure_ray

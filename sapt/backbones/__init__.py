@@ -102,43 +102,25 @@ def check_backbone(
     cache_dir: str | os.PathLike | None = None,
     data_dir: str | None = None,
     exclude_tasks: Sequence[str] = (),
+    prompt_format: str = "raw",
 ) -> str:
     """Fails fast (SaptError) on a backbone that cannot load, without loading big weights; returns
     the identity the workers' backbone will have (what registered pools are checked against).
 
     An embedded backbone is loaded, which runs its one-off warm-up here, on the driver, so the
-    workers of this node find it cached. A hub model only has its config and LoRA targets checked:
-    the weights are for the workers to load.
+    workers of this node find it cached. A hub model only has its config and LoRA targets checked
+    (and its tokenizer, for ``prompt_format`` chat): the weights are for the workers to load.
+    ``prompt_format`` (``train.prompt_format``): chat needs a decoder-only backbone with a chat template.
     """
-    if spec.startswith(EMBEDDED_PREFIX):
-        return load_backbone(spec, cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks).identity
-    from sapt.backbones.hub import check_hub_backbone
-
-    return check_hub_backbone(spec, cache_dir=cache_dir)
-
-
-def check_chat_template(
-    spec: str,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    data_dir: str | None = None,
-    exclude_tasks: Sequence[str] = (),
-) -> None:
-    """For ``train.prompt_format: chat``: fails fast (SaptError naming the key) unless the backbone is
-    decoder-only and its tokenizer has a chat template. Reads the tokenizer and config only for a hub model."""
     from sapt.data.collate import uses_chat_template
 
     if spec.startswith(EMBEDDED_PREFIX):
         backbone = load_backbone(spec, cache_dir=cache_dir, data_dir=data_dir, exclude_tasks=exclude_tasks)
-        uses_chat_template(backbone.tokenizer, backbone.is_encoder_decoder, "chat")
-        return
-    from transformers import AutoTokenizer
+        uses_chat_template(backbone.tokenizer, backbone.is_encoder_decoder, prompt_format)
+        return backbone.identity
+    from sapt.backbones.hub import check_hub_backbone
 
-    from sapt.backbones.hub import _resolve
-
-    where, kwargs, config = _resolve(spec, cache_dir)
-    uses_chat_template(AutoTokenizer.from_pretrained(where, **kwargs), bool(getattr(config, "is_encoder_decoder", False)),
-                       "chat")
+    return check_hub_backbone(spec, cache_dir=cache_dir, prompt_format=prompt_format)
 
 
-__all__ = ["EMBEDDED_BACKBONES", "Backbone", "check_backbone", "check_chat_template", "load_backbone"]
+__all__ = ["EMBEDDED_BACKBONES", "Backbone", "check_backbone", "load_backbone"]

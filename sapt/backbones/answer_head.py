@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-IGNORE_INDEX = -100
+from sapt.data.collate import IGNORE_INDEX
 
 
 def _answer_positions_only(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

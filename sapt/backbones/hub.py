@@ -96,17 +96,26 @@ def _identity(spec: str, config) -> str:
     return f"{spec}@{commit[:12]}-{config_hash}" if commit else f"{spec}@{config_hash}"
 
 
-def check_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
-    """What ``load_hub_backbone`` checks before reading any weights: the model exists and LoRA can adapt it.
+def check_hub_backbone(spec: str, *, cache_dir: str | os.PathLike | None = None, prompt_format: str = "raw") -> str:
+    """What ``load_hub_backbone`` checks before reading any weights: the model exists and LoRA can adapt it
+    (and, for ``prompt_format`` chat, that its tokenizer has a chat template).
 
     Returns:
         The identity the loaded backbone will have.
 
     Raises:
-        SaptError: as ``load_hub_backbone`` for a missing model or an unknown architecture.
+        SaptError: as ``load_hub_backbone`` for a missing model or an unknown architecture; chat asked of
+            a model without a template (field ``train.prompt_format``).
     """
-    _, _, config = _resolve(spec, cache_dir)
+    where, kwargs, config = _resolve(spec, cache_dir)
     lora_targets_for(config.model_type)
+    if prompt_format == "chat":
+        from transformers import AutoTokenizer
+
+        from sapt.data.collate import uses_chat_template
+
+        uses_chat_template(AutoTokenizer.from_pretrained(where, **kwargs),
+                           bool(getattr(config, "is_encoder_decoder", False)), prompt_format)
     return _identity(spec, config)
 
 

@@ -4,8 +4,10 @@ prompts, caps and seed, so the items are the ones the methods are scored on)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import pandas as pd
 import ray
@@ -20,7 +22,6 @@ from sapt.evaluation.generate import generate_answers
 from sapt.evaluation.metrics import score_task
 
 log = logging.getLogger(__name__)
-EXPERIMENT_TAG = "sapt.zero_shot"
 
 
 class BackboneAnswerer:
@@ -59,7 +60,9 @@ def score_zero_shot(run: RunConfig, *, actors: int = 1) -> dict:
     tasks = load_tasks(run.data_dir or None, run.order, max_train_per_task=run.max_train_per_task,
                        max_eval_per_task=run.max_eval_per_task, val_size=run.val_size, seed=run.seed)
     names = [t.name for t in tasks]
-    check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names)  # warm-up here, once
+    # Warm-up here, once; a prompt format the backbone cannot take fails here, not in the actors.
+    check_backbone(run.backbone, data_dir=run.data_dir or None, exclude_tasks=names,
+                   prompt_format=run.train.prompt_format)
     items = {i: task.val if split == "val" else task.test for i, task in enumerate(tasks)}
     rows = [{"input": ex.source, "task": i, "item": n} for i, examples in items.items() for n, ex in enumerate(examples)]
     log.info("zero-shot: %s on %d items of %d tasks", run.backbone, len(rows), len(tasks))
@@ -79,12 +82,9 @@ def score_zero_shot(run: RunConfig, *, actors: int = 1) -> dict:
             "mean": sum(scores.values()) / len(scores), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def run_zero_shot(run: RunConfig, *, actors: int = 1) -> "Path":
+def run_zero_shot(run: RunConfig, *, actors: int = 1) -> Path:
     """``score_zero_shot`` on a local Ray or ``ray.address``, logged as an MLflow run (``score.TASK``,
     ``mean_score``) in the run's experiment; writes and returns OUTPUT_DIR/zero_shot.json."""
-    import json
-    from pathlib import Path
-
     from sapt.cluster.session import ensure_ray
     from sapt.registry.pool_scores import log_scores
     from sapt.registry.tracking import resolve_tracking_uri

@@ -60,6 +60,8 @@ class Collator:
         self.max_target_len = max_target_len
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self._cue = tokenizer(ANSWER_CUE, add_special_tokens=False)["input_ids"]
+        self._clean_up_spaces = _cleans_up_spaces(tokenizer)
         # Chat: each prompt is the user's turn of the tokenizer's template, the answer the assistant's.
         self._chat_head: list[int] = []
         self._chat_tail: list[int] = []
@@ -84,7 +86,7 @@ class Collator:
         limit = self.max_source_len - len(self._chat_head) - len(self._chat_tail)
         # One token over the limit marks a prompt that must be cut; the others stay as tokenized whole.
         rows = self._encode(sources, limit + 1, special=False)
-        cue = self._encode([ANSWER_CUE], limit, special=False)[0]
+        cue = self._cue
         for i, (row, source) in enumerate(zip(rows, sources)):
             if len(row) > limit:
                 if source.endswith(ANSWER_CUE) and len(cue) < limit:
@@ -121,8 +123,9 @@ class Collator:
 
     def decode(self, rows) -> list[str]:
         """Token id rows to text, special tokens dropped, surrounding whitespace stripped."""
-        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True,
-                                                                clean_up_tokenization_spaces=_cleans_up_spaces(self.tokenizer))]
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=self._clean_up_spaces)
+        return [t.strip() for t in texts]
 
     def _pad(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
         padded = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left" if left else "right",

@@ -24,7 +24,7 @@ from sapt.errors import SaptError
 from sapt.jsonfile import read_json_object
 
 SPLITS = ("train", "test")
-FILE_FORMATS = {".jsonl": "json", ".parquet": "parquet"}
+FILE_FORMATS = (".jsonl", ".parquet")
 DATASET_DICT = "dataset_dict.json"  # what save_to_disk writes for a DatasetDict
 TASK_FILE = "task.json"
 _TASK_KEYS = {"definition", "labels", "kind"}
