@@ -15,6 +15,8 @@ EPOCHS, EVAL_ITEMS = 8, 40
 SETTINGS = [
     "order=[first-word,last-word]", f"train.epochs={EPOCHS}", f"max_eval_per_task={EVAL_ITEMS}",
     "method_args.generator_steps=100", "train.zero_stage=3",  # the riskiest path: sharded weights
+    # The start-of-task pass and micro-batches without router gradients, under ZeRO-3 (docs/sapt.md).
+    "method_args.key_init=inputs", "method_args.router_warmup_steps=25",
 ]
 
 
@@ -101,6 +103,17 @@ def test_routing_diagnostics_are_in_results(sapt_run):
     assert len(results["routing_accuracy_per_stage"]) == 2
 
 
+def test_the_second_key_started_at_the_second_tasks_inputs(sapt_run):
+    """key_init: before stage 2 trains, under ZeRO-3, the new key points at the new task's queries."""
+    _, out_dir = sapt_run
+    log = "".join(f.read_text() for f in (out_dir / "logs").iterdir())
+    line = next(line for line in log.splitlines() if "[stage 2/2 last-word] start of task" in line)
+    report = json.loads(line.split("start of task: ", 1)[1])
+    weights = report["new_block_weight_of_mean_query"]
+    assert weights["new task"] > 0.5 and weights["new task"] > weights["remembered"] + 0.2, report
+    assert "start of task" not in log.split("[stage 2/2")[0]  # task 1: one key, nothing to aim
+
+
 def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
     _, out_dir = sapt_run
     files = sorted((out_dir / "memory").glob("*.jsonl"))
@@ -155,7 +168,10 @@ def test_mlflow_has_attention_heatmaps_and_the_arm_loss(sapt_run):
                                   order_by=["tags.sapt.task_index"])
     assert len(children) == 2  # one nested run per task
     second = [c for c in children if c.data.tags["sapt.task_index"] == "2"][0]
-    assert len(client.get_metric_history(second.info.run_id, "train_arm_kl")) == EPOCHS
+    # router_warmup_steps=25 is the first epoch (400 items / 2 workers / batch 8): no ARM there.
+    assert len(client.get_metric_history(second.info.run_id, "train_arm_kl")) == EPOCHS - 1
+    own = [m.value for m in client.get_metric_history(second.info.run_id, "train_own_block_weight")]
+    assert len(own) == EPOCHS and all(0 < w < 1 for w in own)
     assert len(client.get_metric_history(run_id, "routing_accuracy")) == 2
 
 

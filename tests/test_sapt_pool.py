@@ -281,3 +281,65 @@ def test_decoder_only_routes_on_the_prompt_alone_and_generates():
     out = model.generate(**collator.generation_batch(prompts), max_new_tokens=3, do_sample=False,
                          pad_token_id=collator.pad_id, eos_token_id=collator.eos_id)
     assert out.shape[0] == 2
+
+
+def _queries_of(method, model, collator, sources):
+    batch = collator.generation_batch(sources)
+    return method.start_task_sums(model, {k: batch[k] for k in ("input_ids", "attention_mask")}), len(sources)
+
+
+def test_key_init_points_the_new_key_at_the_new_tasks_inputs(tmp_path, tiny_t5_batch):
+    """At task 2 the new key starts where the new task's queries lie, away from the remembered ones:
+    a zero-initialised block gives the router no reason to go there by itself (docs/sapt.md)."""
+    from sapt.data.collate import Collator
+    from sapt.data.embedded import TASK_NAMES, build_task
+
+    method = build_method("sapt-lora", {"key_init": "inputs"}, PET)
+    backbone = load_backbone("embedded:tiny-t5")
+    first = method.build(backbone, None, Stage(0, (0,), (0,)))
+    collator = Collator.for_backbone(backbone, 64, 8, "auto")
+    one, two = (build_task(n, num_train=0, num_val=0, num_test=40, seed=0) for n in TASK_NAMES[:2])
+    old, new = _queries_of(method, first, collator, [e.source for e in one.test]), None
+    assert method.start_task(first, *old, {}, 0) is None  # task 1: one key, nothing to aim
+    _finish_task(method, first, tiny_t5_batch, 0)
+    method.save(first, tmp_path)
+
+    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1))).eval()
+    random_key = model.router.new_key.detach().clone()
+    old, new = (_queries_of(method, model, collator, [e.source for e in task.test]) for task in (one, two))
+    authors = build_method("sapt-lora", {"key_init": "random"}, PET)
+    assert authors.start_task(model, *new, *old) is None and torch.equal(model.router.new_key, random_key)
+    assert method.start_task(model, *new, {}, 0) is None  # nothing remembered (no-arm): the random key stays
+    report = method.start_task(model, *new, *old)
+
+    def new_block_weight(task):
+        batch = collator.generation_batch([e.source for e in task.test])
+        return float(model.block_weights(batch["input_ids"], batch["attention_mask"])[:, 1].mean())
+
+    assert report["key_init"] == "inputs"
+    assert float(model.router.new_key.detach().norm()) == pytest.approx((model.router.dim / 3) ** 0.5, rel=1e-4)
+    assert new_block_weight(two) > 0.6 and new_block_weight(two) > new_block_weight(one) + 0.3
+
+
+def test_router_warmup_leaves_the_router_still_while_the_new_block_learns(tmp_path, tiny_t5_batch):
+    method = build_method("sapt-lora", {"router_warmup_steps": 1}, PET)
+    batch = tiny_t5_batch
+    first = method.build(load_backbone("embedded:tiny-t5"), None, Stage(0, (0,), (0,)))
+    _finish_task(method, first, batch, 0)
+    method.save(first, tmp_path)
+    method = build_method("sapt-lora", {"router_warmup_steps": 1}, PET)  # a stage's fresh method: counts from 0
+    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1)))
+    _perturb([p for p in model.parameters() if p.requires_grad])
+    model.train()
+    reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
+    for step in range(2):
+        model.zero_grad()
+        loss, terms = method.loss(model, batch, reflect)
+        loss.backward()
+        router_grad = sum(float(p.grad.abs().sum()) for p in model.router.parameters() if p.grad is not None)
+        block_grad = sum(float(layer.lora_B.grad.abs().sum()) for layer in method.pooled_layers().values())
+        assert block_grad > 0
+        if step == 0:
+            assert router_grad == 0 and "arm_kl" not in terms
+        else:
+            assert router_grad > 0 and terms["arm_kl"] > 0

@@ -171,10 +171,15 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, infos: list[TaskInfo
     with _checkpoint_dir(inputs["init_state"]) as state_dir:  # the runner sends None for a fresh stage
         model = method.build(backbone, state_dir, stage)
     model.to(device)
-    use_bf16 = run.train.precision == "bf16"
-    engine = build_engine(model, run.train, use_bf16=use_bf16, param_groups=method.param_groups(model, run.train.lr))
     collator = Collator.for_backbone(backbone, run.train.max_source_len, run.train.max_target_len,
                                      run.train.prompt_format)
+    remembered = _memory_by_task(shards.get("memory"))
+    if not resumed:  # a resumed stage's engine checkpoint holds what the start pass set, and more
+        started = _start_task(model, method, collator, run, rank, world, device, shards, remembered)
+        if started:
+            _say(rank, f"{label} start of task: {json.dumps(started)}")
+    use_bf16 = run.train.precision == "bf16"
+    engine = build_engine(model, run.train, use_bf16=use_bf16, param_groups=method.param_groups(model, run.train.lr))
 
     # Which remembered items are reflected or replayed in balanced batches.
     reflect_rng = random.Random(run.seed + 104729 * stage.row + rank)
@@ -190,7 +195,6 @@ def _train_stage(run: RunConfig, number: int, inputs: dict, infos: list[TaskInfo
     # This worker's shard of the stage's training stream, and the remembered inputs of earlier tasks.
     shard = shards["train"]
     spec = method.memory()
-    remembered = _memory_by_task(shards.get("memory"))
     reflect = _reflect_sampler(collator, run.train.batch_size, reflect_rng, remembered) \
         if spec is not None and spec.use == "reflect" else None
     balanced = BalancedMix(remembered, batch_size=run.train.batch_size, old_share=spec.old_share, rng=reflect_rng) \
@@ -365,13 +369,43 @@ def _post_task(model, method: Method, collator, run, rank, world, device, synced
     if method.post_task_split is None:
         return None
     rows = _my_rows(shards["post_task"], rank, world)
-    chunks, real = _chunks(rows, run.eval.batch_size, synced, device)
     model.eval()
+    sums, count = _summed_pass(lambda batch, chunk: method.post_task_sums(model, batch, [c[3] for c in chunk]),
+                               rows, collator, run.eval.batch_size, synced, device)
+    return method.finish_task(model, stage.train_tasks[-1], sums, count) or {}
+
+
+@torch.no_grad()
+def _start_task(model, method: Method, collator, run, rank, world, device, shards, remembered) -> dict | None:
+    """The method's start-of-task pass, before the engine exists: sums over this rank's share of the
+    new task's ``post_task_split`` inputs and of the remembered inputs, all-reduced, then
+    ``start_task``. The model is whole on every rank here (no ZeRO-3 gathering in its forward)."""
+    if not method.start_task_pass:
+        return None
+    new_rows = _my_rows(shards["post_task"], rank, world)
+    old_items = [(task, n, source, "") for task in sorted(remembered) for n, (source, _) in enumerate(remembered[task])]
+    old_rows = old_items[rank::world]
+    was_training = model.training
+    model.eval()
+
+    def sums_of(batch, chunk):
+        return method.start_task_sums(model, batch)
+
+    new, new_count = _summed_pass(sums_of, new_rows, collator, run.eval.batch_size, False, device)
+    old, old_count = _summed_pass(sums_of, old_rows, collator, run.eval.batch_size, False, device)
+    model.train(was_training)
+    return method.start_task(model, new, new_count, old, old_count)
+
+
+def _summed_pass(sums_of, rows, collator, batch_size: int, synced: bool, device) -> tuple[dict, int]:
+    """``sums_of(batch, chunk)`` over batches of this rank's ``rows``, summed over batches and over
+    ranks. Returns (sums on the CPU, how many rows every rank saw together)."""
+    chunks, real = _chunks(rows, batch_size, synced, device)
     totals: dict[str, torch.Tensor] | None = None
     count = torch.zeros((), device=device)
     for number, chunk in enumerate(chunks):
         batch = {k: v.to(device) for k, v in collator.generation_batch([c[2] for c in chunk]).items()}
-        sums = method.post_task_sums(model, batch, [c[3] for c in chunk])
+        sums = sums_of(batch, chunk)
         if totals is None:
             totals = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sums.items()}
         if number < real:  # the rest are ZeRO-3 fillers
@@ -380,12 +414,11 @@ def _post_task(model, method: Method, collator, run, rank, world, device, synced
             count += len(chunk)
     if totals is None:  # no rows and no fillers (never under ZeRO-3): a local probe learns the shapes
         batch = {k: v.to(device) for k, v in collator.generation_batch(["x"]).items()}
-        totals = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in method.post_task_sums(model, batch, [""]).items()}
+        totals = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in sums_of(batch, [(-1, -1, "x", "")]).items()}
     for key in sorted(totals):  # the same order on every rank
         dist.all_reduce(totals[key])
     dist.all_reduce(count)
-    sums = {k: v.float().cpu() for k, v in totals.items()}
-    return method.finish_task(model, stage.train_tasks[-1], sums, int(count)) or {}
+    return {k: v.float().cpu() for k, v in totals.items()}, int(count)
 
 
 def _evaluate(engine, method: Method, collator, run, rank, world, device, task_names, label, shards, reporter):

@@ -248,6 +248,9 @@ class Method(ABC):
     Config: ClassVar[type[BaseModel]] = NoArgs
     # Which inputs of a finished task ``post_task_sums`` reads (None: no post-task pass).
     post_task_split: ClassVar[Literal["val", "train"] | None] = None
+    # Whether ``start_task_sums``/``start_task`` run before a stage trains (on the new task's
+    # ``post_task_split`` inputs and the remembered inputs of earlier tasks).
+    start_task_pass: ClassVar[bool] = False
 
     def __init__(self, args: BaseModel, pet: Any):
         self.args = args
@@ -305,6 +308,20 @@ class Method(ABC):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict] | None:
         """Optimizer groups when parts of the model need their own learning rate; None: one group."""
+        return None
+
+    # -- before a task -------------------------------------------------------------------------
+    def start_task_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For ``start_task_pass``: additive statistics of one batch of inputs (model inputs only),
+        summed over batches and ranks like ``post_task_sums``."""
+        raise NotImplementedError
+
+    def start_task(self, model: nn.Module, new: dict[str, torch.Tensor], new_count: int,
+                   old: dict[str, torch.Tensor], old_count: int) -> dict[str, Any] | None:
+        """Adjusts the freshly built model before its optimizer exists (what it sets is what
+        training starts from), given the summed statistics of the new task's ``post_task_split``
+        inputs (``new``) and of every remembered input of earlier tasks (``old``; zero count when
+        nothing is kept). Returns JSON diagnostics or None."""
         return None
 
     # -- after a task --------------------------------------------------------------------------

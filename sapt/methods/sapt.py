@@ -63,6 +63,12 @@ class SaptArgs(BaseModel):
         "code", description="code: Linear-Linear-SiLU-LN (what the authors ran); paper: Linear-SiLU-Linear-LN.")
     masked_pooling: bool = Field(True, description="false pools padding too, as the authors' code does.")
     router_lr: float | None = Field(None, gt=0, description="Own learning rate for projection and keys; null: train.lr.")
+    router_warmup_steps: int = Field(
+        0, ge=0, description="Micro-batches at the start of tasks 2.. during which the router does not train (no ARM "
+                             "either): the new block first learns under the weight its key gives it.")
+    key_init: Literal["inputs", "random"] = Field(
+        "random", description="The new key at tasks 2..: inputs points it from the remembered inputs' mean query to the "
+                              "new task's (validation inputs, before training); random is the authors' uniform(-1, 1).")
     memory_fraction: float = Field(0.02, gt=0, le=1, description="Pseudo (or real) samples per task, share of train.")
     generator_steps: int = Field(300, ge=1, description="Optimizer steps of each task's generator.")
     generator_lr: float = Field(1e-3, gt=0)
@@ -91,10 +97,12 @@ class _Sapt(Method):
 
     Config = SaptArgs
     post_task_split = "val"  # ARM's target: the mean attention of the task's validation inputs
+    start_task_pass = True  # key_init: the new key from the new and the remembered inputs' queries
 
     def __init__(self, args: SaptArgs, pet):
         super().__init__(args, pet)
         self.targets: list[list[float]] = []  # stored mean attention of each finished task
+        self._micro_batches = 0  # training micro-batches of this stage so far (router_warmup_steps)
         self._backbone: Backbone | None = None
 
     # -- the pool, per variant ---------------------------------------------------------------
@@ -192,11 +200,36 @@ class _Sapt(Method):
             pool_files.load_router_into(router, state_dir)
         return router
 
+    @torch.no_grad()
+    def start_task_sums(self, model, batch):
+        return {"query": model.queries(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)}
+
+    @torch.no_grad()
+    def start_task(self, model, new, new_count, old, old_count):
+        """key_init "inputs": the new key points from the mean query of the remembered inputs of
+        earlier tasks to that of the new task's inputs, so the new block starts with most of its
+        task's weight and little of the old tasks'. A zero-initialised block gives the router no
+        reason to move there by itself: the LM loss first rewards whatever old block helps, and the
+        new block then learns under the sliver of weight it is left with."""
+        if self.args.key_init != "inputs" or model.num_blocks == 1 or not new_count or not old_count:
+            return None  # task 1 (one key, no gradient) or nothing kept: the authors' random key
+        new_mean, old_mean = new["query"] / new_count, old["query"] / old_count
+        model.router.aim_new_key(new_mean - old_mean)
+        keys = model.router.keys()
+        share = torch.softmax(torch.stack([new_mean, old_mean]) @ keys.T / model.router.temperature, dim=-1)[:, -1]
+        return {"key_init": "inputs", "new_block_weight_of_mean_query": {"new task": round(float(share[0]), 4),
+                                                                         "remembered": round(float(share[1]), 4)}}
+
     def loss(self, model, batch, reflect=None):
-        memory = list((reflect or {}).items())
-        out = model(**model_inputs(batch), reflect=[(b["input_ids"], b["attention_mask"]) for _, b in memory] or None)
+        frozen = model.num_blocks > 1 and self._micro_batches < self.args.router_warmup_steps
+        self._micro_batches += 1
+        memory = [] if frozen else list((reflect or {}).items())
+        out = model(**model_inputs(batch), reflect=[(b["input_ids"], b["attention_mask"]) for _, b in memory] or None,
+                    router_frozen=frozen)
         total, terms = out.loss, {"lm": float(out.loss.detach())}
         blocks = out.log_weights.shape[1]
+        if blocks > 1:  # how much of the new task's weight its own block holds, epoch by epoch (history)
+            terms["own_block_weight"] = float(out.log_weights[:, -1].detach().exp().mean())
         ablation = self.args.ablation
         if ablation in ("none", "real-inputs") and memory:
             kl = sum(reflection_kl(lw, padded_target(self._target(task, lw), blocks))

@@ -77,6 +77,10 @@ class RoutedModel(nn.Module):
         logits = (router or self.router)(embeddings, mask)
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def queries(self, input_ids, attention_mask) -> torch.Tensor:
+        """The router's projected query of each input: (B, d)."""
+        return self.router.query(*self._query_inputs(input_ids, attention_mask))
+
     def block_weights(self, input_ids, attention_mask, labels=None,
                       log_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The weights the pool is mixed with for these inputs, in the current train/eval mode: (B, n)."""
@@ -99,7 +103,7 @@ class RoutedModel(nn.Module):
         return prompted_inputs(self.backbone, input_ids, attention_mask, self.prompts(weights), labels,
                                is_encoder_decoder=self.is_encoder_decoder)
 
-    def forward(self, input_ids, attention_mask, labels=None, reflect=None) -> RoutedOutput:
+    def forward(self, input_ids, attention_mask, labels=None, reflect=None, router_frozen: bool = False) -> RoutedOutput:
         """The LM loss, plus router log-weights of any ``reflect`` batches (ARM's pseudo inputs).
 
         Args:
@@ -107,6 +111,8 @@ class RoutedModel(nn.Module):
                 embedding lookup, pooling and the router, never through the backbone.
         """
         log_weights = self.router_log_weights(input_ids, attention_mask, labels)
+        if router_frozen:  # the blocks learn under the weights the router gives, the router does not move
+            log_weights = log_weights.detach()
         weights = self.block_weights(input_ids, attention_mask, labels, log_weights)
         self.routing.weights = weights
         out = self.backbone(**self._with_prompt(input_ids, attention_mask, weights, labels))

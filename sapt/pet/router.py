@@ -86,9 +86,19 @@ class SharedAttention(nn.Module):
 
         Called as a module (never as a plain method) so that ZeRO-3 gathers the key and projection.
         """
+        return self.query(embeddings_BLd, mask_BL) @ self.keys().T / self.temperature  # (B, n)
+
+    def query(self, embeddings_BLd: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
+        """The projected query of each input, (B, d)."""
         pooled_Bd = max_pool_embeddings(embeddings_BLd, mask_BL if self.masked_pooling else None)
-        query_Bd = self.projection(pooled_Bd.to(self.new_key.dtype))
-        return query_Bd @ self.keys().T / self.temperature  # (B, n)
+        return self.projection(pooled_Bd.to(self.new_key.dtype))
+
+    @torch.no_grad()
+    def aim_new_key(self, direction_d: torch.Tensor) -> None:
+        """Points the new key along ``direction_d``, at the length a uniform(-1, 1) key has on
+        average (sqrt(d / 3)): where the new block's inputs lie, at the scale the authors' keys have."""
+        length = math.sqrt(self.dim / 3)
+        self.new_key.copy_((direction_d / direction_d.norm().clamp_min(1e-12) * length).reshape(1, -1))
 
     def describe(self) -> dict:
         """The JSON that, with the state dict, rebuilds this router."""
