@@ -97,7 +97,10 @@ class _Sapt(Method):
 
     Config = SaptArgs
     post_task_split = "val"  # ARM's target: the mean attention of the task's validation inputs
-    start_task_pass = True  # key_init: the new key from the new and the remembered inputs' queries
+
+    @property
+    def start_task_pass(self) -> bool:  # key_init inputs: the new key from the new and the remembered inputs' queries
+        return self.args.key_init == "inputs"
 
     def __init__(self, args: SaptArgs, pet):
         super().__init__(args, pet)
