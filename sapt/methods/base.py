@@ -248,14 +248,17 @@ class Method(ABC):
     Config: ClassVar[type[BaseModel]] = NoArgs
     # Which inputs of a finished task ``post_task_sums`` reads (None: no post-task pass).
     post_task_split: ClassVar[Literal["val", "train"] | None] = None
-    # Whether ``start_task_sums``/``start_task`` run before a stage trains (on the new task's
-    # ``post_task_split`` inputs and the remembered inputs of earlier tasks).
-    start_task_pass: ClassVar[bool] = False
 
     def __init__(self, args: BaseModel, pet: Any):
         self.args = args
         self.pet = pet
         self.tasks: list[TaskInfo] = []
+
+    @property
+    def start_task_pass(self) -> bool:
+        """Whether ``start_task_sums``/``start_task`` run before a stage trains (on the new task's
+        ``post_task_split`` inputs and the remembered inputs of earlier tasks); may depend on ``args``."""
+        return False
 
     def set_tasks(self, tasks: list[TaskInfo]) -> None:
         """The order's tasks, before any stage: on the driver (where a refusal stops the run before

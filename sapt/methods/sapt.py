@@ -99,7 +99,7 @@ class _Sapt(Method):
     post_task_split = "val"  # ARM's target: the mean attention of the task's validation inputs
 
     @property
-    def start_task_pass(self) -> bool:  # key_init inputs: the new key from the new and the remembered inputs' queries
+    def start_task_pass(self) -> bool:  # key_init inputs aims the new key from the inputs' queries
         return self.args.key_init == "inputs"
 
     def __init__(self, args: SaptArgs, pet):
