@@ -11,8 +11,8 @@ the `--set` values, and the table's heading lists it. The FWT
 reference (the method whose stages are all single-task references, `single`) runs first and every
 other method measures FWT against it. Prints a markdown table of AP / F.Ra / FWT / BWT / routing or
 selection accuracy / wall time (mean +- std over seeds), with a zero-shot row (the backbone untrained, `sapt
-zero-shot`; `--no-zero-shot` leaves it out), writes OUTPUT/compare.md and OUTPUT/compare.json
-(every accuracy matrix), and logs a "compare-methods" MLflow run. A method-seed whose results.json
+zero-shot`; `--no-zero-shot` leaves it out), writes OUTPUT/compare.md, OUTPUT/compare.json
+(every accuracy matrix) and OUTPUT/figures/ (each run's matrix and shared-attention heatmaps), and logs a "compare-methods" MLflow run. A method-seed whose results.json
 exists with the same config is kept, not rerun, so a half-finished table resumes where it stopped.
 
 Rows beyond the methods: `--variant LABEL=METHOD:KEY=VALUE[;KEY=VALUE]` (a method with its own overrides,
@@ -414,13 +414,35 @@ def compare_order(args: argparse.Namespace, names: list[str], seeds: list[int], 
         ZERO_SHOT: {str(seed): r for seed, r in zero_shot.items()},
     }
     js.write_text(json.dumps(report, indent=2))
-    run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js],
+    figures = draw_figures(results, output)
+    run_id = log_to_mlflow(tracking_uri, base.mlflow.experiment, summary, [md, js, *figures],
                            {"config": args.config, "overrides": json.dumps(sets),
                             "method_overrides": json.dumps(args.method_sets), "methods": ",".join(names),
                             "seeds": ",".join(map(str, seeds)), "order": json.dumps(order)}, tags)
     print(table)
     print(f"MLflow: run {run_id} (compare-methods) in {tracking_uri}", file=sys.stderr)
     return {**report, "table": table, "markdown_path": str(md)}
+
+
+def draw_figures(results: dict[str, dict[int, dict]], output: Path) -> list[Path]:
+    """OUTPUT/figures/: each row-seed's accuracy matrix and, for routed methods, its shared-attention
+    heatmaps at test time and right after training each task (the paper's Figure 3)."""
+    from sapt.evaluation.plots import attention_heatmap, matrix_heatmap
+
+    folder = output / "figures"
+    folder.mkdir(exist_ok=True)
+    drawn = []
+    for name, runs in results.items():
+        for seed, r in runs.items():
+            stem, order = f"{name}-seed{seed}", r["order"]
+            drawn.append(matrix_heatmap(r["matrix"], order, folder / f"{stem}-matrix.png", f"{name}, seed {seed}"))
+            if r.get("attention"):
+                drawn.append(attention_heatmap(r["attention"], order, folder / f"{stem}-attention-test.png",
+                                               f"{name}, seed {seed}: shared attention at test time"))
+            if r.get("train_attention"):
+                drawn.append(attention_heatmap(r["train_attention"], order, folder / f"{stem}-attention-train.png",
+                                               f"{name}, seed {seed}: right after training each task"))
+    return drawn
 
 
 def comparison_store(args: argparse.Namespace) -> str:

@@ -90,3 +90,15 @@ def test_the_table_over_orders_weighs_every_order_and_seed_alike():
     rows = compare.over_orders({"a": report("a", [10.0, 20.0]), "b": report("b", [60.0])})
     ap = rows["sapt-lora"]["columns"]["AP"]
     assert ap["mean"] == 30.0 and ap["n"] == 3 and sorted(rows["sapt-lora"]["per_seed"]) == ["a/0", "a/1", "b/0"]
+
+
+def test_figures_draw_each_runs_matrix_and_the_attention_of_routed_methods_only(tmp_path):
+    order = ["first-word", "last-word"]
+    routed = {"order": order, "matrix": [[90.0, None], [80.0, 70.0]],
+              "attention": [[1.0, 0.0], [0.2, 0.8]], "train_attention": [[1.0, None], [0.3, 0.7]]}
+    results = {"sapt-lora": {1: routed}, "seq-lora": {1: {"order": order, "matrix": routed["matrix"],
+                                                          "attention": None, "train_attention": None}}}
+    drawn = compare.draw_figures(results, tmp_path)
+    assert sorted(p.name for p in drawn) == ["sapt-lora-seed1-attention-test.png", "sapt-lora-seed1-attention-train.png",
+                                             "sapt-lora-seed1-matrix.png", "seq-lora-seed1-matrix.png"]
+    assert all(p.parent == tmp_path / "figures" and p.read_bytes()[:4] == b"\x89PNG" for p in drawn)
