@@ -14,6 +14,7 @@ selection accuracy / wall time (mean +- std over seeds), with a zero-shot row (t
 zero-shot`; `--no-zero-shot` leaves it out), writes OUTPUT/compare.md, OUTPUT/compare.json
 (every accuracy matrix) and OUTPUT/figures/ (each run's matrix and shared-attention heatmaps), and logs a "compare-methods" MLflow run. A method-seed whose results.json
 exists with the same config is kept, not rerun, so a half-finished table resumes where it stopped.
+Where SAPT-LoRA is a row, the table ends with the paper's claims judged on it (benchmarks/paper_claims.py).
 
 Rows beyond the methods: `--variant LABEL=METHOD:KEY=VALUE[;KEY=VALUE]` (a method with its own overrides,
 e.g. `lfpt5-30=lfpt5:method_args.prompt_length=30`) and `--ablations` (SAPT-LoRA's Table 2: without ARM,
@@ -39,6 +40,9 @@ from sapt.config import RunConfig, load_config
 from sapt.errors import SaptError
 from sapt.evaluation.metrics import cl_metrics
 from sapt.methods import METHODS, build_method
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module below, however this one is loaded
+from paper_claims import SAPT_LORA, claims_markdown  # noqa: E402
 
 METRICS = ("AP", "F.Ra", "FWT", "BWT")
 ZERO_SHOT = "zero-shot"  # the untrained backbone's row (not a method: nothing is trained)
@@ -338,6 +342,8 @@ def markdown(summary: dict, heading: str, fwt_reference: str | None) -> str:
     lines += ["", "Mean +- std over seeds (one seed: the value). FWT is against "
               + (f"`{fwt_reference}`, each task's single-task score" if fwt_reference else "nothing (no reference)")
               + "; the FWT reference's AP is the mean of its single-task scores. '-': not defined for the method."]
+    if SAPT_LORA in summary:
+        lines += ["", claims_markdown(summary, set(METHODS)).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -102,3 +102,30 @@ def test_figures_draw_each_runs_matrix_and_the_attention_of_routed_methods_only(
     assert sorted(p.name for p in drawn) == ["sapt-lora-seed1-attention-test.png", "sapt-lora-seed1-attention-train.png",
                                              "sapt-lora-seed1-matrix.png", "seq-lora-seed1-matrix.png"]
     assert all(p.parent == tmp_path / "figures" and p.read_bytes()[:4] == b"\x89PNG" for p in drawn)
+
+
+def _row(reference=None, **means):
+    return {"reference": reference, "columns": {c: {"mean": means.get(c.replace(".", "")), "std": None, "n": 1}
+                                                for c in ("AP", "F.Ra", "FWT", "BWT", "routing", "seconds")}}
+
+
+def test_the_papers_claims_are_judged_on_the_means_with_the_numbers_beside():
+    import paper_claims  # on sys.path since compare_methods loaded it
+
+    summary = {"sapt-lora": _row(AP=60.0, FRa=3.0, FWT=-1.0, routing=80.0), "seq-lora": _row(AP=40.0, FRa=30.0),
+               "replay": _row(AP=58.0, FRa=2.0), "l2p": _row(AP=35.0, FRa=5.0), "multitask": _row("joint", AP=61.5),
+               "single": _row("fwt", AP=65.0), "sapt-lora-no-arm": _row(AP=30.0, FRa=14.0)}
+    methods = {"sapt-lora", "seq-lora", "replay", "l2p", "multitask", "single"}  # the ablation is no method
+    judged = paper_claims.check_claims(summary, methods)
+    assert [(verdict, on) for _, verdict, on in judged] == [
+        ("holds", "sapt-lora 60.0; best other: replay 58.0"),
+        ("fails", "sapt-lora 3.0; lowest other: replay 2.0"),
+        ("holds", "sapt-lora 60.0; multitask 61.5"),  # within 2 points
+        ("fails", "sapt-lora-no-arm 14.0; sapt-lora 3.0"),  # 14 < 5 x 3
+        ("not measured", "sapt-prompt -; best other: l2p 35.0"),
+        ("fails", "sapt-lora -1.0"),
+        ("reported", "sapt-lora 80.0%")]
+    summary["sapt-lora-no-arm"] = _row(AP=30.0, FRa=15.0)
+    summary["multitask"] = _row("joint", AP=62.5)
+    verdicts = [verdict for _, verdict, _ in paper_claims.check_claims(summary, methods)]
+    assert verdicts[2:4] == ["fails", "holds"]
