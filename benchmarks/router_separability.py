@@ -12,6 +12,9 @@ of sapt-lora's defaults), then scores the test prompts two ways:
   training, not its input;
 - the nearest task mean by cosine: what one key per task aimed at the task's mean query gives with
   no training at all (what `method_args.key_init: inputs` starts from).
+It also prints how much direction the tasks' mean pooled embeddings share (mean cosine between
+two tasks' means), as pooled and less the midpoint of the first two tasks' means
+(`method_args.query_center: first-tasks`).
 Prints the accuracy of both, per task and over all. Nothing is trained but the probe (seconds).
 """
 
@@ -41,6 +44,13 @@ def pooled(backbone, collator: Collator, sources: list[str]) -> torch.Tensor:
             batch = collator.generation_batch(sources[start:start + BATCH])
             out.append(max_pool_embeddings(embed(batch["input_ids"]), batch["attention_mask"]).float())
     return torch.cat(out)
+
+
+def mean_cosine_between_task_means(X: torch.Tensor, y: torch.Tensor, num_tasks: int) -> float:
+    """How much of their direction the tasks' mean inputs share: 1 means the keys see one input."""
+    means = torch.nn.functional.normalize(torch.stack([X[y == i].mean(0) for i in range(num_tasks)]), dim=1)
+    off_diagonal = ~torch.eye(num_tasks, dtype=torch.bool)
+    return float((means @ means.T)[off_diagonal].mean())
 
 
 def linear_probe(train_X: torch.Tensor, train_y: torch.Tensor, num_tasks: int) -> torch.nn.Linear:
@@ -80,6 +90,9 @@ def main() -> None:
         print(f"pooled {task.name}: {len(train)} train, {len(test)} test prompts", file=sys.stderr, flush=True)
     train_X, test_X = torch.cat(train_X), torch.cat(test_X)
     train_y, test_y = torch.tensor(train_y), torch.tensor(test_y)
+    shared = mean_cosine_between_task_means(train_X, train_y, len(tasks))
+    midpoint = (train_X[train_y == 0].mean(0) + train_X[train_y == 1].mean(0)) / 2 if len(tasks) > 1 else 0
+    centred = mean_cosine_between_task_means(train_X - midpoint, train_y, len(tasks))
     mean, std = train_X.mean(0), train_X.std(0) + 1e-6
     train_X, test_X = (train_X - mean) / std, (test_X - mean) / std
     probed = linear_probe(train_X, train_y, len(tasks))(test_X).argmax(1)
@@ -87,6 +100,8 @@ def main() -> None:
     nearest = (torch.nn.functional.normalize(test_X, dim=1)
                @ torch.nn.functional.normalize(centres, dim=1).T).argmax(1)
     print(f"{run.backbone}, order {', '.join(t.name for t in tasks)}; {args.probe_items} train prompts per task")
+    print(f"mean cosine between two tasks' mean pooled embeddings: {shared:.3f} as pooled, {centred:.3f} "
+          f"less the first two tasks' midpoint (method_args.query_center: first-tasks)")
     print("| task | linear probe | nearest task mean |\n|---|---:|---:|")
     for index, task in enumerate(tasks):
         mine = test_y == index

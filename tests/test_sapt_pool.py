@@ -343,3 +343,45 @@ def test_router_warmup_leaves_the_router_still_while_the_new_block_learns(tmp_pa
             assert router_grad == 0 and "arm_kl" not in terms
         else:
             assert router_grad > 0 and terms["arm_kl"] > 0
+
+
+def test_query_center_is_the_midpoint_of_the_first_two_tasks_and_travels_with_the_router(tmp_path, tiny_t5_batch):
+    """The pooled embeddings of all tasks share most of their direction; query_center first-tasks
+    subtracts the midpoint of tasks 1 and 2 (task 1's post-task pass, task 2's start-of-task pass),
+    saved with the router and never moved after."""
+    from sapt.data.collate import Collator
+    from sapt.data.embedded import TASK_NAMES, build_task
+
+    backbone = load_backbone("embedded:tiny-t5")
+    collator = Collator.for_backbone(backbone, 64, 8, "auto")
+    sources = [[e.source for e in build_task(n, num_train=0, num_val=0, num_test=40, seed=0).test] for n in TASK_NAMES[:3]]
+    batches = [{k: v for k, v in collator.generation_batch(s).items() if k in ("input_ids", "attention_mask")}
+               for s in sources]
+    method = build_method("sapt-lora", {"query_center": "first-tasks"}, PET)
+    assert method.start_task_pass and not build_method("sapt-lora", {}, PET).start_task_pass
+    first = method.build(backbone, None, Stage(0, (0,), (0,))).eval()
+    mean_pooled = [first.pooled_embeddings(**b).mean(dim=0) for b in batches]
+    report = method.finish_task(first, 0, method.post_task_sums(first, batches[0], None), len(sources[0]))
+    assert torch.allclose(first.router.center, mean_pooled[0], atol=1e-5)
+    assert report["query_center_norm"] == pytest.approx(float(mean_pooled[0].norm()), rel=1e-3)
+    method.save(first, tmp_path / "one")
+
+    second = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "one", Stage(1, (1,), (0, 1))).eval()
+    assert torch.equal(second.router.center, first.router.center)  # loaded with the router
+    method.start_task(second, method.start_task_sums(second, batches[1]), len(sources[1]), {}, 0)
+    midpoint = (mean_pooled[0] + mean_pooled[1]) / 2
+    assert torch.allclose(second.router.center, midpoint, atol=1e-5)
+
+    def task_means_cosine(model):
+        means = [model.queries(**b).mean(0) for b in batches[:2]]
+        return float(torch.nn.functional.cosine_similarity(*means, dim=0))
+
+    plain = build_method("sapt-lora", {}, PET).build(load_backbone("embedded:tiny-t5"), None, Stage(0, (0,), (0,))).eval()
+    plain.router.projection.load_state_dict(second.router.projection.state_dict())
+    assert task_means_cosine(second) < task_means_cosine(plain) - 0.5, (task_means_cosine(second), task_means_cosine(plain))
+
+    _finish_task(method, second, batches[1], 1)
+    method.save(second, tmp_path / "two")
+    third = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "two", Stage(2, (2,), (0, 1, 2))).eval()
+    assert method.start_task(third, method.start_task_sums(third, batches[2]), len(sources[2]), {}, 0) is None
+    assert torch.allclose(third.router.center, midpoint, atol=1e-5)  # fixed from task 2 on

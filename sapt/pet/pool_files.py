@@ -112,6 +112,7 @@ def load_into_slot(block: dict[str, tuple], layers: dict[str, PooledLoraLinear],
 def save_router(router: SharedAttention, out_dir: Path) -> None:
     state = {f"projection.{k}": v.detach().float().cpu().contiguous() for k, v in router.projection.state_dict().items()}
     state["keys"] = router.keys().detach().float().cpu().contiguous()
+    state["center"] = router.center.detach().float().cpu().contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_dir / ROUTER_WEIGHTS))
     (out_dir / ROUTER_CONFIG).write_text(json.dumps(router.describe(), indent=2))
@@ -135,11 +136,15 @@ def load_router_into(router: SharedAttention, root: Path) -> None:
         raise SaptError("router weights missing", source=str(path))
     state = load_file(str(path))
     keys = state.pop("keys")
+    center = state.pop("center", None)  # routers saved before centering existed: zero
     projection = {k.removeprefix("projection."): v for k, v in state.items()}
     expected = {k: tuple(v.shape) for k, v in router.projection.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in projection.items()}
-    if found != expected or keys.shape != (router.num_blocks - 1, router.dim):
+    if found != expected or keys.shape != (router.num_blocks - 1, router.dim) or (
+            center is not None and center.shape != (router.dim,)):
         raise SaptError(f"saved router does not fit: projection {found}, keys {tuple(keys.shape)}; "
                         f"expected {expected} and ({router.num_blocks - 1}, {router.dim})", source=str(path))
     router.projection.load_state_dict(projection)
     router.old_keys = keys.to(router.old_keys.device, router.old_keys.dtype)
+    if center is not None:
+        router.center.copy_(center)

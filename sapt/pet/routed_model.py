@@ -77,6 +77,10 @@ class RoutedModel(nn.Module):
         logits = (router or self.router)(embeddings, mask)
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def pooled_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
+        """What the router pools from each input, before centering and projection: (B, d)."""
+        return self.router.pooled(*self._query_inputs(input_ids, attention_mask))
+
     def queries(self, input_ids, attention_mask) -> torch.Tensor:
         """The router's projected query of each input: (B, d)."""
         return self.router.query(*self._query_inputs(input_ids, attention_mask))

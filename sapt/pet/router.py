@@ -71,6 +71,9 @@ class SharedAttention(nn.Module):
         self.temperature = float(temperature) if temperature else math.sqrt(dim)
         self.projection = QueryProjection(dim, hidden, layout)
         self.register_buffer("old_keys", torch.zeros(0, dim))  # (n-1, d), frozen
+        # Subtracted from every pooled embedding before the projection; zero (the authors') unless a
+        # method sets it: the pooled embeddings of all tasks share most of their direction.
+        self.register_buffer("center", torch.zeros(dim))
         self.new_key = nn.Parameter(torch.empty(1, dim).uniform_(-1.0, 1.0))  # uniform(-1, 1) as in SAPT
 
     @property
@@ -90,8 +93,12 @@ class SharedAttention(nn.Module):
 
     def query(self, embeddings_BLd: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
         """The projected query of each input, (B, d)."""
-        pooled_Bd = max_pool_embeddings(embeddings_BLd, mask_BL if self.masked_pooling else None)
-        return self.projection(pooled_Bd.to(self.new_key.dtype))
+        pooled_Bd = self.pooled(embeddings_BLd, mask_BL)
+        return self.projection((pooled_Bd - self.center.to(pooled_Bd.dtype)).to(self.new_key.dtype))
+
+    def pooled(self, embeddings_BLd: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
+        """What the query is projected from, before centering: (B, d)."""
+        return max_pool_embeddings(embeddings_BLd, mask_BL if self.masked_pooling else None)
 
     @torch.no_grad()
     def aim_new_key(self, direction_d: torch.Tensor) -> None:
