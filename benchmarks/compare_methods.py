@@ -197,6 +197,14 @@ def _compared(run: RunConfig) -> dict[str, str]:
     return flat
 
 
+def _per_method_arg(flat: dict[str, str]) -> dict[str, str]:
+    """``method_args`` as one entry per key (the file keeps it whole), so that keys compare one by one."""
+    flat = dict(flat)
+    for key, value in json.loads(flat.pop("method_args", "{}")).items():
+        flat[f"method_args.{key}"] = json.dumps(value, sort_keys=True)
+    return flat
+
+
 def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | None, str]:
     """``file`` (results.json) of an earlier run of this exact config, or None and why it cannot be kept."""
     folder = Path(run.output_dir)
@@ -205,8 +213,13 @@ def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | Non
         return None, ""
     if not saved.exists():
         return None, f"{results} has no {CONFIG_FILE}"
-    before, now = json.loads(saved.read_text()), _compared(run)
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    before, now = _per_method_arg(json.loads(saved.read_text())), _per_method_arg(_compared(run))
+    # A method_args key added to the method since (at its default) does not change what was run.
+    fields = METHODS[run.method].Config.model_fields
+    added_at_default = {k for k in set(now) - set(before) if k.startswith("method_args.")
+                        and now[k] == json.dumps(fields[k.removeprefix("method_args.")].get_default(call_default_factory=True),
+                                                 sort_keys=True)}
+    changed = sorted(k for k in (set(before) | set(now)) - added_at_default if before.get(k) != now.get(k))
     if changed:
         return None, "config changed: " + ", ".join(changed[:4])
     return results, ""

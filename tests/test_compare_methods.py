@@ -129,3 +129,26 @@ def test_the_papers_claims_are_judged_on_the_means_with_the_numbers_beside():
     summary["multitask"] = _row("joint", AP=62.5)
     verdicts = [verdict for _, verdict, _ in paper_claims.check_claims(summary, methods)]
     assert verdicts[2:4] == ["fails", "holds"]
+
+
+def test_a_kept_run_stays_kept_when_the_method_gains_a_key_at_its_default_and_not_when_a_value_changed(tmp_path):
+    import json
+
+    args = _args(tmp_path)
+    run = compare.run_config(args, "sapt-lora", 1, None, "sqlite:///x.db")
+    folder = Path(run.output_dir)
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text("{}")
+    compare.keep_config(run)
+    saved = json.loads((folder / compare.CONFIG_FILE).read_text())
+    method_args = json.loads(saved["method_args"])
+    del method_args["query_center"]  # a run kept before the key existed
+    saved["method_args"] = json.dumps(method_args, sort_keys=True)
+    (folder / compare.CONFIG_FILE).write_text(json.dumps(saved))
+    assert compare.kept_results(run) == (folder / "results.json", "")
+    changed = run.model_copy(update={"method_args": {**run.method_args, "query_center": "first-tasks"}})
+    assert compare.kept_results(changed) == (None, "config changed: method_args.query_center")
+    method_args["kl_weight"] = 0.5  # a value that differs from the run's
+    saved["method_args"] = json.dumps(method_args, sort_keys=True)
+    (folder / compare.CONFIG_FILE).write_text(json.dumps(saved))
+    assert compare.kept_results(run) == (None, "config changed: method_args.kl_weight")
