@@ -6,7 +6,9 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +18,7 @@ SETTINGS = [
     "order=[first-word,last-word]", f"train.epochs={EPOCHS}", f"max_eval_per_task={EVAL_ITEMS}",
     "method_args.generator_steps=100", "train.zero_stage=3",  # the riskiest path: sharded weights
     # The start-of-task pass and micro-batches without router gradients, under ZeRO-3 (docs/sapt.md).
-    "method_args.key_init=inputs", "method_args.router_warmup_steps=25",
+    "method_args.key_init=inputs", "method_args.router_warmup_steps=25", "method_args.query_center=first-tasks",
 ]
 
 
@@ -112,6 +114,14 @@ def test_the_second_key_started_at_the_second_tasks_inputs(sapt_run):
     weights = report["new_block_weight_of_mean_query"]
     assert weights["new task"] > 0.5 and weights["new task"] > weights["remembered"] + 0.2, report
     assert "start of task" not in log.split("[stage 2/2")[0]  # task 1: one key, nothing to aim
+    # query_center: task 1's mean pooled embedding after task 1, the midpoint with task 2's at its start,
+    # summed over both ranks' shares; it is what the saved router holds from then on.
+    first = json.loads(next((out_dir / "ray").glob("*-after-t01/post_task.json")).read_text())
+    saved = [load_file(str(next((out_dir / "ray").glob(f"*-after-t0{t}/state/router.safetensors"))))["center"]
+             for t in (1, 2)]
+    assert first["query_center_norm"] == pytest.approx(float(saved[0].norm()), rel=1e-3) and first["query_center_norm"] > 0
+    assert report["query_center_norm"] == pytest.approx(float(saved[1].norm()), rel=1e-3)
+    assert not torch.allclose(saved[0], saved[1])
 
 
 def test_pseudo_prompts_of_the_first_task_were_generated_and_kept(sapt_run):
