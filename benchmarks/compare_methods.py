@@ -205,6 +205,13 @@ def _per_method_arg(flat: dict[str, str]) -> dict[str, str]:
     return flat
 
 
+def _default_of(method: str, key: str) -> str | None:
+    """The JSON of ``method_args.KEY``'s default for ``method``; None for any other key."""
+    field = METHODS[method].Config.model_fields.get(key.removeprefix("method_args.")) \
+        if key.startswith("method_args.") else None
+    return None if field is None else json.dumps(field.get_default(call_default_factory=True), sort_keys=True)
+
+
 def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | None, str]:
     """``file`` (results.json) of an earlier run of this exact config, or None and why it cannot be kept."""
     folder = Path(run.output_dir)
@@ -215,10 +222,7 @@ def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | Non
         return None, f"{results} has no {CONFIG_FILE}"
     before, now = _per_method_arg(json.loads(saved.read_text())), _per_method_arg(_compared(run))
     # A method_args key added to the method since (at its default) does not change what was run.
-    fields = METHODS[run.method].Config.model_fields
-    added_at_default = {k for k in set(now) - set(before) if k.startswith("method_args.")
-                        and now[k] == json.dumps(fields[k.removeprefix("method_args.")].get_default(call_default_factory=True),
-                                                 sort_keys=True)}
+    added_at_default = {k for k in set(now) - set(before) if now[k] == _default_of(run.method, k)}
     changed = sorted(k for k in (set(before) | set(now)) - added_at_default if before.get(k) != now.get(k))
     if changed:
         return None, "config changed: " + ", ".join(changed[:4])

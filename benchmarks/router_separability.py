@@ -6,7 +6,7 @@
 The shared attention reads only the max-pooled token embeddings of a prompt (sapt-method.md 1.1).
 This pools the backbone's embeddings of each task's training prompts (the first --probe-items) and
 its test prompts exactly as the router does (`train.max_source_len`, `method_args.masked_pooling`
-of sapt-lora's defaults), then scores the test prompts two ways:
+of the run, sapt-lora's defaults unless set), then scores the test prompts two ways:
 - a linear probe (multinomial logistic regression on the standardised pooled vectors): the best any
   router on this input could route, so a low routing accuracy with a high probe is the router's
   training, not its input;
@@ -30,19 +30,19 @@ from sapt.config import load_config
 from sapt.data.collate import Collator
 from sapt.data.loading import load_tasks
 from sapt.errors import SaptError
-from sapt.pet.router import max_pool_embeddings
+from sapt.pet.router import SharedAttention
 
 PROBE_STEPS, PROBE_LR, BATCH = 500, 1e-2, 32
 
 
-def pooled(backbone, collator: Collator, sources: list[str]) -> torch.Tensor:
-    """The router's query input for each prompt: max over the real tokens of the raw embeddings."""
+def pooled(backbone, router: SharedAttention, collator: Collator, sources: list[str]) -> torch.Tensor:
+    """The router's query input for each prompt (its pooling of the raw token embeddings), uncentred."""
     embed = backbone.model.get_input_embeddings()
     out = []
     with torch.no_grad():
         for start in range(0, len(sources), BATCH):
             batch = collator.generation_batch(sources[start:start + BATCH])
-            out.append(max_pool_embeddings(embed(batch["input_ids"]), batch["attention_mask"]).float())
+            out.append(router.pooled(embed(batch["input_ids"]), batch["attention_mask"]).float())
     return torch.cat(out)
 
 
@@ -79,12 +79,15 @@ def main() -> None:
     backbone = load_backbone(run.backbone)
     collator = Collator.for_backbone(backbone, run.train.max_source_len, run.train.max_target_len,
                                      run.train.prompt_format)
+    # Only its pooling is used: masked or over padding too, as the run's method_args say.
+    router = SharedAttention(backbone.model.get_input_embeddings().weight.shape[1],
+                             masked_pooling=run.method_args["masked_pooling"])
     train_X, train_y, test_X, test_y = [], [], [], []
     for index, task in enumerate(tasks):
         train = [e.source for e in task.train][:args.probe_items]
         test = [e.source for e in task.test]
-        train_X.append(pooled(backbone, collator, train))
-        test_X.append(pooled(backbone, collator, test))
+        train_X.append(pooled(backbone, router, collator, train))
+        test_X.append(pooled(backbone, router, collator, test))
         train_y += [index] * len(train)
         test_y += [index] * len(test)
         print(f"pooled {task.name}: {len(train)} train, {len(test)} test prompts", file=sys.stderr, flush=True)

@@ -209,8 +209,10 @@ class _Sapt(Method):
 
     @torch.no_grad()
     def start_task_sums(self, model, batch):
-        sums = {"query": model.queries(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)}
-        if self._centers_now(model):
+        sums = {}
+        if self.args.key_init == "inputs":
+            sums["query"] = model.queries(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)
+        if self._sets_center(model, at_blocks=2):
             sums["pooled"] = model.pooled_embeddings(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)
         return sums
 
@@ -222,7 +224,7 @@ class _Sapt(Method):
         reason to move there by itself: the LM loss first rewards whatever old block helps, and the
         new block then learns under the sliver of weight it is left with."""
         report = {}
-        if self._centers_now(model) and model.num_blocks == 2 and new_count:
+        if self._sets_center(model, at_blocks=2) and new_count:
             # The midpoint of tasks 1 and 2: both sit off the center, on opposite sides (centered on
             # task 1 alone, its inputs pooled to near zero and spread over every block: it was forgotten).
             model.router.center.copy_((model.router.center + new["pooled"] / new_count) / 2)
@@ -304,25 +306,26 @@ class _Sapt(Method):
     @torch.no_grad()
     def post_task_sums(self, model, batch, targets):
         sums = {"attention": self.attention(model, batch).float().sum(dim=0)}
-        if self._centers_now(model) and model.num_blocks == 1:
+        if self._sets_center(model, at_blocks=1):
             sums["pooled"] = model.pooled_embeddings(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)
         return sums
 
-    def _centers_now(self, model) -> bool:
-        """Whether this task moves the center: the first (its mean) and the second (the midpoint),
-        while the router has learned nothing yet (task 1's single key and projection get no gradient)."""
-        return self.args.query_center == "first-tasks" and model.num_blocks <= 2
+    def _sets_center(self, model, at_blocks: int) -> bool:
+        """Whether query_center sets the center now: after task 1 (1 block: its mean) or at task 2's
+        start (2 blocks: the midpoint), while the router has learned nothing yet (task 1's single key
+        and the projection get no gradient)."""
+        return self.args.query_center == "first-tasks" and model.num_blocks == at_blocks
 
     def finish_task(self, model, task, sums, count):
         mean = sums["attention"] / max(count, 1)
         self.remember(model, task, mean)
         report = {"train_attention": [float(v) for v in mean]}
-        if self._centers_now(model) and model.num_blocks == 1:
+        if self._sets_center(model, at_blocks=1):
             # Every task's pooled embeddings share most of their direction (cosine 0.98 between the
             # task means of long-3 on minilm-t5): the keys then see one input. The first task's mean
             # is half of the center; task 2's start makes it the midpoint (start_task).
             center = sums["pooled"] / max(count, 1)
-            model.router.center.copy_(center.to(model.router.center.dtype))
+            model.router.center.copy_(center)
             report["query_center_norm"] = round(float(center.norm()), 4)
         return report
 

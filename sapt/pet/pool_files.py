@@ -142,8 +142,10 @@ def load_router_into(router: SharedAttention, root: Path) -> None:
     found = {k: tuple(v.shape) for k, v in projection.items()}
     if found != expected or keys.shape != (router.num_blocks - 1, router.dim) or (
             center is not None and center.shape != (router.dim,)):
-        raise SaptError(f"saved router does not fit: projection {found}, keys {tuple(keys.shape)}; "
-                        f"expected {expected} and ({router.num_blocks - 1}, {router.dim})", source=str(path))
+        center_shape = None if center is None else tuple(center.shape)
+        raise SaptError(f"saved router does not fit: projection {found}, keys {tuple(keys.shape)}, center "
+                        f"{center_shape}; expected {expected}, ({router.num_blocks - 1}, {router.dim}) and "
+                        f"({router.dim},)", source=str(path))
     router.projection.load_state_dict(projection)
     router.old_keys = keys.to(router.old_keys.device, router.old_keys.dtype)
     if center is not None:
