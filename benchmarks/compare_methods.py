@@ -51,6 +51,10 @@ PROBE_TASKS = 3  # a method's stage layout does not depend on the number of task
 # Config keys that do not change what a run learns (the runner's resumable keys) plus the FWT
 # reference's path, which only affects FWT and is recomputed here anyway.
 UNCOMPARED = ("ray.", "mlflow.", "output_dir", "data_dir", "eval.batch_size", "single_results")
+# What the zero-shot row never reads (nothing is trained): a change of the first row's method keeps it.
+ZERO_SHOT_UNREAD = ("method", "pet.", "num_workers", "train.epochs", "train.batch_size", "train.grad_accum",
+                    "train.lr", "train.weight_decay", "train.max_grad_norm", "train.zero_stage", "train.precision",
+                    "train.log_every")
 
 
 def reference_kinds(run: RunConfig) -> dict[str, str]:
@@ -212,8 +216,9 @@ def _default_of(method: str, key: str) -> str | None:
     return None if field is None else json.dumps(field.get_default(call_default_factory=True), sort_keys=True)
 
 
-def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | None, str]:
-    """``file`` (results.json) of an earlier run of this exact config, or None and why it cannot be kept."""
+def kept_results(run: RunConfig, file: str = "results.json", unread: tuple[str, ...] = ()) -> tuple[Path | None, str]:
+    """``file`` (results.json) of an earlier run of this exact config (keys starting with one of
+    ``unread`` aside), or None and why it cannot be kept."""
     folder = Path(run.output_dir)
     results, saved = folder / file, folder / CONFIG_FILE
     if not results.exists():
@@ -223,7 +228,8 @@ def kept_results(run: RunConfig, file: str = "results.json") -> tuple[Path | Non
     before, now = _per_method_arg(json.loads(saved.read_text())), _per_method_arg(_compared(run))
     # A method_args key added to the method since (at its default) does not change what was run.
     added_at_default = {k for k in set(now) - set(before) if now[k] == _default_of(run.method, k)}
-    changed = sorted(k for k in (set(before) | set(now)) - added_at_default if before.get(k) != now.get(k))
+    changed = sorted(k for k in (set(before) | set(now)) - added_at_default
+                     if before.get(k) != now.get(k) and not k.startswith(unread))
     if changed:
         return None, "config changed: " + ", ".join(changed[:4])
     return results, ""
@@ -294,7 +300,7 @@ def zero_shot_rows(args: argparse.Namespace, seeds: list[int], tracking_uri: str
     for seed in seeds:
         run = run_config(args, method, seed, None, tracking_uri)
         run = run.model_copy(update={"output_dir": str(run_dir(args.output, ZERO_SHOT, seed))})
-        path, why = kept_results(run, "zero_shot.json")
+        path, why = kept_results(run, "zero_shot.json", unread=ZERO_SHOT_UNREAD)
         if path is None:
             progress(f"{ZERO_SHOT} seed {seed}: {'rerunning (' + why + ')' if why else 'started'}")
             path = run_zero_shot(run)

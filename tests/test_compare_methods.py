@@ -152,3 +152,23 @@ def test_a_kept_run_stays_kept_when_the_method_gains_a_key_at_its_default_and_no
     saved["method_args"] = json.dumps(method_args, sort_keys=True)
     (folder / compare.CONFIG_FILE).write_text(json.dumps(saved))
     assert compare.kept_results(run) == (None, "config changed: method_args.kl_weight")
+
+
+def test_the_zero_shot_row_is_kept_when_only_what_it_does_not_read_changes(tmp_path):
+    """Nothing is trained for the zero-shot row: another first method (its method_args, learning
+    rate, PET) keeps it; what it scores with (generation length, sizes) does not."""
+    args = _args(tmp_path)
+    first = compare.run_config(args, "seq-lora", 1, None, "sqlite:///x.db")
+    folder = Path(first.output_dir)
+    folder.mkdir(parents=True)
+    (folder / "zero_shot.json").write_text("{}")
+    compare.keep_config(first)
+    other = compare.run_config(args, "sapt-lora", 1, None, "sqlite:///x.db")
+    other = other.model_copy(update={"output_dir": first.output_dir,
+                                     "train": other.train.model_copy(update={"lr": 0.3})})
+    assert compare.kept_results(other, "zero_shot.json")[0] is None  # a trained row compares everything
+    assert compare.kept_results(other, "zero_shot.json", unread=compare.ZERO_SHOT_UNREAD) == \
+        (folder / "zero_shot.json", "")
+    longer = other.model_copy(update={"eval": other.eval.model_copy(update={"max_new_tokens": 7})})
+    assert compare.kept_results(longer, "zero_shot.json", unread=compare.ZERO_SHOT_UNREAD) == \
+        (None, "config changed: eval.max_new_tokens")

@@ -38,6 +38,9 @@ SETTINGS = [
     "order=[first-word,last-word]", f"train.epochs={EPOCHS}", "max_train_per_task=160", "max_eval_per_task=8",
     "val_size=8", "method_args.generator_steps=4", "method_args.generator_max_new_tokens=12",
     f"mlflow.pool_name={POOL}", "ray.max_failures=1",
+    # The query center is set by task 2's start-of-task pass, which a resumed stage skips: the
+    # engine checkpoint must carry it, or the saved router differs from the reference's.
+    "method_args.query_center=stream",
 ]
 RESUMED_RUN = "*-from-t02"  # the Ray Train run of the --resume: stage 2 onwards
 SECOND_EPOCH_ONE, SECOND_FINAL = "stage-02-epoch-001", "stage-02-final"

@@ -385,3 +385,30 @@ def test_query_center_is_the_midpoint_of_the_first_two_tasks_and_travels_with_th
     third = method.build(load_backbone("embedded:tiny-t5"), tmp_path / "two", Stage(2, (2,), (0, 1, 2))).eval()
     assert method.start_task(third, method.start_task_sums(third, batches[2]), len(sources[2]), {}, 0) is None
     assert torch.allclose(third.router.center, midpoint, atol=1e-5)  # fixed from task 2 on
+
+
+def test_stream_query_center_is_the_mean_of_every_task_mean_so_far(tmp_path, tiny_t5_batch):
+    """query_center stream moves the center at each task's start to the mean of the task means seen
+    so far, so the first tasks do not stay at the center (first-tasks left them there: forgotten)."""
+    from sapt.data.collate import Collator
+    from sapt.data.embedded import TASK_NAMES, build_task
+
+    backbone = load_backbone("embedded:tiny-t5")
+    collator = Collator.for_backbone(backbone, 64, 8, "auto")
+    sources = [[e.source for e in build_task(n, num_train=0, num_val=0, num_test=40, seed=0).test] for n in TASK_NAMES[:3]]
+    batches = [{k: v for k, v in collator.generation_batch(s).items() if k in ("input_ids", "attention_mask")}
+               for s in sources]
+    method = build_method("sapt-lora", {"query_center": "stream"}, PET)
+    model = method.build(backbone, None, Stage(0, (0,), (0,))).eval()
+    mean_pooled = [model.pooled_embeddings(**b).mean(dim=0) for b in batches]
+    method.finish_task(model, 0, method.post_task_sums(model, batches[0], None), len(sources[0]))
+    for task in (1, 2):
+        method.save(model, tmp_path / str(task))
+        model = method.build(load_backbone("embedded:tiny-t5"), tmp_path / str(task),
+                             Stage(task, (task,), tuple(range(task + 1)))).eval()
+        report = method.start_task(model, method.start_task_sums(model, batches[task]), len(sources[task]), {}, 0)
+        expected = torch.stack(mean_pooled[:task + 1]).mean(dim=0)
+        assert torch.allclose(model.router.center, expected, atol=1e-5), task
+        assert report["query_center_norm"] == pytest.approx(float(expected.norm()), rel=1e-3)
+        assert "pooled" not in method.post_task_sums(model, batches[task], None)  # only task 1's post pass pools
+        _finish_task(method, model, batches[task], task)

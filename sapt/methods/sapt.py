@@ -69,10 +69,11 @@ class SaptArgs(BaseModel):
     key_init: Literal["inputs", "random"] = Field(
         "random", description="The new key at tasks 2..: inputs points it from the remembered inputs' mean query to the "
                               "new task's (validation inputs, before training); random is the authors' uniform(-1, 1).")
-    query_center: Literal["none", "first-tasks"] = Field(
-        "none", description="first-tasks subtracts the midpoint of the first two tasks' mean pooled embeddings "
-                            "(their validation inputs) from every input before the query projection, fixed from "
-                            "the start of task 2; none is the authors'.")
+    query_center: Literal["none", "first-tasks", "stream"] = Field(
+        "none", description="Subtracted from every pooled input before the query projection: first-tasks, the "
+                            "midpoint of the first two tasks' mean pooled embeddings (their validation inputs), "
+                            "fixed from the start of task 2; stream, the mean of every task's mean so far, moved at "
+                            "each task's start; none is the authors'.")
     memory_fraction: float = Field(0.02, gt=0, le=1, description="Pseudo (or real) samples per task, share of train.")
     generator_steps: int = Field(300, ge=1, description="Optimizer steps of each task's generator.")
     generator_lr: float = Field(1e-3, gt=0)
@@ -212,7 +213,7 @@ class _Sapt(Method):
         sums = {}
         if self.args.key_init == "inputs":
             sums["query"] = model.queries(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)
-        if self._sets_center(model, at_blocks=2):
+        if self._moves_center(model, at_start=True):
             sums["pooled"] = model.pooled_embeddings(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)
         return sums
 
@@ -224,10 +225,12 @@ class _Sapt(Method):
         reason to move there by itself: the LM loss first rewards whatever old block helps, and the
         new block then learns under the sliver of weight it is left with."""
         report = {}
-        if self._sets_center(model, at_blocks=2) and new_count:
-            # The midpoint of tasks 1 and 2: both sit off the center, on opposite sides (centered on
-            # task 1 alone, its inputs pooled to near zero and spread over every block: it was forgotten).
-            model.router.center.copy_((model.router.center + new["pooled"] / new_count) / 2)
+        if self._moves_center(model, at_start=True) and new_count:
+            # The mean of the k task means so far (k blocks now): at task 2 the midpoint of tasks 1 and 2,
+            # both off the center on opposite sides (centred on task 1 alone, its inputs pooled to near
+            # zero and spread over every block: it was forgotten).
+            k = model.num_blocks
+            model.router.center.mul_((k - 1) / k).add_(new["pooled"] / new_count / k)
             report["query_center_norm"] = round(float(model.router.center.norm()), 4)
         if self.args.key_init != "inputs" or model.num_blocks == 1 or not new_count or not old_count:
             return report or None  # task 1 (one key, no gradient) or nothing kept: the authors' random key
@@ -306,21 +309,26 @@ class _Sapt(Method):
     @torch.no_grad()
     def post_task_sums(self, model, batch, targets):
         sums = {"attention": self.attention(model, batch).float().sum(dim=0)}
-        if self._sets_center(model, at_blocks=1):
+        if self._moves_center(model, at_start=False):
             sums["pooled"] = model.pooled_embeddings(batch["input_ids"], batch["attention_mask"]).float().sum(dim=0)
         return sums
 
-    def _sets_center(self, model, at_blocks: int) -> bool:
-        """Whether query_center sets the center now: after task 1 (1 block: its mean) or at task 2's
-        start (2 blocks: the midpoint), while the router has learned nothing yet (task 1's single key
-        and the projection get no gradient)."""
-        return self.args.query_center == "first-tasks" and model.num_blocks == at_blocks
+    def _moves_center(self, model, at_start: bool) -> bool:
+        """Whether query_center moves the center now. Both modes set it after task 1 (one block: its
+        mean), while the router has learned nothing yet (task 1's single key and the projection get no
+        gradient), and make it the midpoint at task 2's start; stream moves it again at every later start."""
+        mode, blocks = self.args.query_center, model.num_blocks
+        if mode == "none":
+            return False
+        if not at_start:
+            return blocks == 1
+        return blocks == 2 if mode == "first-tasks" else blocks >= 2
 
     def finish_task(self, model, task, sums, count):
         mean = sums["attention"] / max(count, 1)
         self.remember(model, task, mean)
         report = {"train_attention": [float(v) for v in mean]}
-        if self._sets_center(model, at_blocks=1):
+        if self._moves_center(model, at_start=False):
             # Every task's pooled embeddings share most of their direction (cosine 0.98 between the
             # task means of long-3 on minilm-t5): the keys then see one input. The first task's mean
             # is half of the center; task 2's start makes it the midpoint (start_task).
