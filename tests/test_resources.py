@@ -44,3 +44,21 @@ def test_a_running_ray_without_the_resources_ends_the_wait_after_resource_wait_s
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_registered_models() == []  # nothing registered
     assert [r.info.status for r in client.search_runs(["1"])] == ["FAILED"]
+
+
+def test_a_local_ray_that_does_not_come_up_is_one_clear_error(monkeypatch):
+    """Ray gives up after 30 s on a node that does not start (seen on an overloaded machine); that
+    cannot be caused on purpose, so ray.init raises what Ray raised there."""
+    import ray
+
+    from sapt.cluster import session
+
+    def node_timed_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", node_timed_out)
+    with pytest.raises(SaptError) as info:
+        session.ensure_ray("", num_workers=1, cpus_per_worker=1.0, use_gpu=False)
+    assert info.value.source == "ray.address"
+    assert "the embedded local Ray did not start: The current node timed out" in str(info.value)

@@ -49,14 +49,18 @@ def ensure_ray(address: str, *, num_workers: int, cpus_per_worker: float, use_gp
     needed = math.ceil(num_workers * cpus_per_worker + extra_cpus) + 2
     num_cpus = max(os.cpu_count() or 1, needed)
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        **local_dashboard(),
-        runtime_env={"env_vars": env},
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            **local_dashboard(),
+            runtime_env={"env_vars": env},
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    except Exception as err:  # Ray gives up on a node that does not come up (an overloaded machine)
+        raise SaptError(f"the embedded local Ray did not start: {err} (Ray's own logs: "
+                        "/tmp/ray/session_latest/logs)", source="ray.address") from None
 
 
 def check_local_fit(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
