@@ -300,7 +300,7 @@ def _remember(run: RunConfig, method: Method, tasks: list[TaskData], index: int,
         rows = generate_pseudo_prompts(
             backbone=run.backbone, data_dir=run.data_dir or None, exclude_tasks=[t.name for t in tasks],
             generator_path=generator_path, settings=spec.generator, task=index, count=count,
-            seed=pseudo_seed(run.seed, index),
+            seed=pseudo_seed(run.seed, index), real_sources=[ex.source for ex in task.train],
         )
         rows = [{**r, "target": ""} for r in rows]
         if not rows:

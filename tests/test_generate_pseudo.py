@@ -68,7 +68,7 @@ def test_prompts_depend_on_the_seed_not_on_the_actors(generator, local_ray):
     order = ["first-word", "last-word"]
     spread = generate_pseudo_prompts(backbone="embedded:tiny-t5", data_dir=None, exclude_tasks=order,
                                      generator_path=str(folder), settings=settings, task=1, count=20, seed=7,
-                                     actors=2, batch_size=8)
+                                     real_sources=[], actors=2, batch_size=8)
     # The same three sampling batches (8, 8, 4 prompts) drawn here in one process, one after another.
     backbone = load_backbone("embedded:tiny-t5", exclude_tasks=order)
     model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
@@ -94,3 +94,28 @@ def test_the_job_writes_jsonl_rows_like_a_runs_memory(generator, local_ray, tmp_
     assert 1 <= len(rows) <= 7  # as a run keeps: the demo-sapt preset's 5% of 150 training items
     assert all(set(r) == {"task", "source", "target"} and r["task"] == 1 and r["target"] == "" for r in rows)
     assert not list(out.parent.glob("*.partial"))
+
+
+def test_real_lengths_cut_each_prompt_to_a_length_drawn_from_the_tasks_prompts(generator):
+    """generator_lengths real: each pseudo prompt is as long (in tokens) as a real prompt of its task,
+    drawn with the batch's seed, not where the generator ends it."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    from sapt.methods.pseudo_generator import generator_collator, prompt_lengths, sample_prompts
+
+    folder, settings = generator
+    order = ["first-word", "last-word"]
+    backbone = load_backbone("embedded:tiny-t5", exclude_tasks=order)
+    model = PeftModel.from_pretrained(backbone.model, str(folder)).eval()
+    collator = generator_collator(backbone, settings)
+    real = ["one two three", "one two three four five six seven eight nine ten eleven twelve"]
+    lengths = prompt_lengths(collator, real)
+    assert lengths == [len(collator.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in real]
+    matched = replace(settings, lengths="real")
+    prompts = sample_prompts(model, collator, 12, matched, seed=3, lengths=lengths)
+    assert set(prompt_lengths(collator, prompts)) <= set(lengths) and len(set(prompt_lengths(collator, prompts))) == 2
+    assert prompts == sample_prompts(model, collator, 12, matched, seed=3, lengths=lengths)
+    free = prompt_lengths(collator, sample_prompts(model, collator, 12, settings, seed=3))
+    assert max(free) > max(lengths)  # the untrained generator runs on: only the cut makes them short

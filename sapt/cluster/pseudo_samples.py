@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -50,6 +50,7 @@ class SamplePlan:
     task_index: int  # in the order
     count: int
     order: list[str]  # the order's task names (embedded backbones leave them out of their warm-up)
+    real_sources: list[str] = field(default_factory=list)  # the task's training prompts (generator_lengths real)
 
 
 def plan_samples(run: RunConfig, task_name: str, count: int | None) -> SamplePlan:
@@ -72,7 +73,7 @@ def plan_samples(run: RunConfig, task_name: str, count: int | None) -> SamplePla
         count = spec.count(len(tasks[index].train))  # as many as the run keeps
     if count < 1:
         raise SaptError(f"expected at least 1, got {count}", source="--count")
-    return SamplePlan(index, count, names)
+    return SamplePlan(index, count, names, [ex.source for ex in tasks[index].train])
 
 
 def sample_task(run: RunConfig, plan: SamplePlan, generator: Path, *, actors: int = 1) -> list[dict]:
@@ -83,7 +84,7 @@ def sample_task(run: RunConfig, plan: SamplePlan, generator: Path, *, actors: in
     rows = generate_pseudo_prompts(
         backbone=run.backbone, data_dir=run.data_dir or None, exclude_tasks=plan.order,
         generator_path=str(generator), settings=settings, task=plan.task_index, count=plan.count,
-        seed=pseudo_seed(run.seed, plan.task_index), actors=actors,
+        seed=pseudo_seed(run.seed, plan.task_index), real_sources=plan.real_sources, actors=actors,
     )
     return [{**row, "target": ""} for row in rows]
 

@@ -153,6 +153,9 @@ class GeneratorSettings:
     # window before it (sapt.train.plateau); min_improvement 0 runs all ``steps``.
     stop_window: int = 25
     min_improvement: float = 0.0
+    # "real": each prompt is sampled to a length drawn from the task's own prompts (capped at
+    # max_new_tokens) instead of ending where the generator puts its end token.
+    lengths: str = "free"
 
 
 @dataclass(frozen=True)

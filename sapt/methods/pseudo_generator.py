@@ -8,6 +8,7 @@ task's own template, so no embedding is resized and no re-assembly is needed (do
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,11 +47,21 @@ def generator_batch(collator: Collator, sources: Sequence[str]) -> dict[str, tor
     return collator.train_batch([GENERATE_PROMPT] * len(sources), list(sources))
 
 
+def prompt_lengths(collator: Collator, sources: Sequence[str]) -> list[int]:
+    """The token length of each real prompt as the generator learns it (cut at ``max_new_tokens``)."""
+    return [len(row) - 1 for row in collator._answers(list(sources))]  # less the end token
+
+
 @torch.no_grad()
 def sample_prompts(model, collator: Collator, count: int, settings: GeneratorSettings, *, seed: int,
-                   device: torch.device | str = "cpu") -> list[str]:
-    """Samples ``count`` pseudo prompts (top-k sampling with a repetition penalty, as in SAPT)."""
+                   device: torch.device | str = "cpu", lengths: Sequence[int] = ()) -> list[str]:
+    """Samples ``count`` pseudo prompts (top-k sampling with a repetition penalty, as in SAPT).
+
+    With ``lengths`` (real prompts' token lengths) each prompt is cut to a length drawn from them,
+    its end token held back until then: the router max-pools a prompt's embeddings, and short
+    pseudo prompts of a long-prompt task pool like another task's (docs/sapt.md)."""
     torch.manual_seed(seed)
+    drawn = random.Random(seed).choices(list(lengths), k=count) if lengths else None
     batch = {k: v.to(device) for k, v in collator.generation_batch([GENERATE_PROMPT] * count).items()}
     out = model.generate(
         **batch,
@@ -58,10 +69,13 @@ def sample_prompts(model, collator: Collator, count: int, settings: GeneratorSet
         top_k=settings.top_k,
         repetition_penalty=settings.repetition_penalty,
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=max(drawn) if drawn else None,
         num_beams=1,
         pad_token_id=collator.pad_id,
         eos_token_id=collator.eos_id,
     )
-    if not collator.is_encoder_decoder:
-        out = out[:, batch["input_ids"].shape[1] :]
+    start = batch["input_ids"].shape[1] if not collator.is_encoder_decoder else 1  # past the prompt / decoder start
+    out = out[:, start:]
+    if drawn:
+        return collator.decode([row[:length] for row, length in zip(out.tolist(), drawn)])
     return collator.decode(out)

@@ -85,6 +85,10 @@ class SaptArgs(BaseModel):
     generator_max_new_tokens: int = Field(
         64, ge=1, description="Pseudo prompt length: the generator learns each prompt's first this many tokens "
                               "(instruction + head of the input: what routing reads) and samples up to it.")
+    generator_lengths: Literal["free", "real"] = Field(
+        "free", description="free ends each pseudo prompt where the generator writes its end token (the authors'); "
+                            "real samples each to a length drawn from the task's own prompts (at most "
+                            "generator_max_new_tokens): the router's max-pooled input grows with a prompt's length.")
     generator_stop_window: int = Field(25, ge=1, description="Steps per window of the generator's stopping rule.")
     generator_min_improvement: float = Field(
         0.02, ge=0, lt=1, description="Stop the generator once a window's mean loss is not this much (relative) "
@@ -299,6 +303,7 @@ class _Sapt(Method):
             lora_dropout=a.generator_lora_dropout, top_k=a.generator_top_k,
             repetition_penalty=a.generator_repetition_penalty, max_new_tokens=a.generator_max_new_tokens,
             stop_window=a.generator_stop_window, min_improvement=a.generator_min_improvement,
+            lengths=a.generator_lengths,
         ) if kind[0] == "pseudo" else None
         return MemorySpec(source=kind[0], use=kind[1], fraction=a.memory_fraction, generator=generator)
 
