@@ -131,15 +131,20 @@ def test_the_papers_claims_are_judged_on_the_means_with_the_numbers_beside():
     assert verdicts[2:4] == ["fails", "holds"]
 
 
+def _finished_run(tmp_path, method: str, file: str):
+    """A run of ``method`` (seed 1) whose ``file`` and compared config are on disk, and its folder."""
+    run = compare.run_config(_args(tmp_path), method, 1, None, "sqlite:///x.db")
+    folder = Path(run.output_dir)
+    folder.mkdir(parents=True)
+    (folder / file).write_text("{}")
+    compare.keep_config(run)
+    return run, folder
+
+
 def test_a_kept_run_stays_kept_when_the_method_gains_a_key_at_its_default_and_not_when_a_value_changed(tmp_path):
     import json
 
-    args = _args(tmp_path)
-    run = compare.run_config(args, "sapt-lora", 1, None, "sqlite:///x.db")
-    folder = Path(run.output_dir)
-    folder.mkdir(parents=True)
-    (folder / "results.json").write_text("{}")
-    compare.keep_config(run)
+    run, folder = _finished_run(tmp_path, "sapt-lora", "results.json")
     saved = json.loads((folder / compare.CONFIG_FILE).read_text())
     method_args = json.loads(saved["method_args"])
     del method_args["query_center"]  # a run kept before the key existed
@@ -157,13 +162,8 @@ def test_a_kept_run_stays_kept_when_the_method_gains_a_key_at_its_default_and_no
 def test_the_zero_shot_row_is_kept_when_only_what_it_does_not_read_changes(tmp_path):
     """Nothing is trained for the zero-shot row: another first method (its method_args, learning
     rate, PET) keeps it; what it scores with (generation length, sizes) does not."""
-    args = _args(tmp_path)
-    first = compare.run_config(args, "seq-lora", 1, None, "sqlite:///x.db")
-    folder = Path(first.output_dir)
-    folder.mkdir(parents=True)
-    (folder / "zero_shot.json").write_text("{}")
-    compare.keep_config(first)
-    other = compare.run_config(args, "sapt-lora", 1, None, "sqlite:///x.db")
+    first, folder = _finished_run(tmp_path, "seq-lora", "zero_shot.json")
+    other = compare.run_config(_args(tmp_path), "sapt-lora", 1, None, "sqlite:///x.db")
     other = other.model_copy(update={"output_dir": first.output_dir,
                                      "train": other.train.model_copy(update={"lr": 0.3})})
     assert compare.kept_results(other, "zero_shot.json")[0] is None  # a trained row compares everything

@@ -345,10 +345,8 @@ def test_router_warmup_leaves_the_router_still_while_the_new_block_learns(tmp_pa
             assert router_grad > 0 and terms["arm_kl"] > 0
 
 
-def test_query_center_is_the_midpoint_of_the_first_two_tasks_and_travels_with_the_router(tmp_path, tiny_t5_batch):
-    """The pooled embeddings of all tasks share most of their direction; query_center first-tasks
-    subtracts the midpoint of tasks 1 and 2 (task 1's post-task pass, task 2's start-of-task pass),
-    saved with the router and never moved after."""
+def _three_tasks_inputs():
+    """tiny-t5 and the test prompts of three embedded tasks: their sources and model-input batches."""
     from sapt.data.collate import Collator
     from sapt.data.embedded import TASK_NAMES, build_task
 
@@ -357,6 +355,14 @@ def test_query_center_is_the_midpoint_of_the_first_two_tasks_and_travels_with_th
     sources = [[e.source for e in build_task(n, num_train=0, num_val=0, num_test=40, seed=0).test] for n in TASK_NAMES[:3]]
     batches = [{k: v for k, v in collator.generation_batch(s).items() if k in ("input_ids", "attention_mask")}
                for s in sources]
+    return backbone, sources, batches
+
+
+def test_query_center_is_the_midpoint_of_the_first_two_tasks_and_travels_with_the_router(tmp_path, tiny_t5_batch):
+    """The pooled embeddings of all tasks share most of their direction; query_center first-tasks
+    subtracts the midpoint of tasks 1 and 2 (task 1's post-task pass, task 2's start-of-task pass),
+    saved with the router and never moved after."""
+    backbone, sources, batches = _three_tasks_inputs()
     method = build_method("sapt-lora", {"query_center": "first-tasks"}, PET)
     assert method.start_task_pass and not build_method("sapt-lora", {}, PET).start_task_pass
     first = method.build(backbone, None, Stage(0, (0,), (0,))).eval()
@@ -390,14 +396,7 @@ def test_query_center_is_the_midpoint_of_the_first_two_tasks_and_travels_with_th
 def test_stream_query_center_is_the_mean_of_every_task_mean_so_far(tmp_path, tiny_t5_batch):
     """query_center stream moves the center at each task's start to the mean of the task means seen
     so far, so the first tasks do not stay at the center (first-tasks left them there: forgotten)."""
-    from sapt.data.collate import Collator
-    from sapt.data.embedded import TASK_NAMES, build_task
-
-    backbone = load_backbone("embedded:tiny-t5")
-    collator = Collator.for_backbone(backbone, 64, 8, "auto")
-    sources = [[e.source for e in build_task(n, num_train=0, num_val=0, num_test=40, seed=0).test] for n in TASK_NAMES[:3]]
-    batches = [{k: v for k, v in collator.generation_batch(s).items() if k in ("input_ids", "attention_mask")}
-               for s in sources]
+    backbone, sources, batches = _three_tasks_inputs()
     method = build_method("sapt-lora", {"query_center": "stream"}, PET)
     model = method.build(backbone, None, Stage(0, (0,), (0,))).eval()
     mean_pooled = [model.pooled_embeddings(**b).mean(dim=0) for b in batches]

@@ -40,6 +40,9 @@ class PromptSampler:
         return {"task": np.array(tasks), "position": np.array(positions), "source": np.array(texts, dtype=object)}
 
 
+PSEUDO_BATCH = 16  # prompts per sampling batch (each with its own seed)
+
+
 def pseudo_seed(run_seed: int, task_index: int) -> int:
     """The sampling seed of task ``task_index``'s pseudo prompts: a run and a later generation job
     given the same run seed write the same prompts."""
@@ -48,7 +51,7 @@ def pseudo_seed(run_seed: int, task_index: int) -> int:
 
 def generate_pseudo_prompts(*, backbone: str, data_dir: str | None, exclude_tasks: list[str], generator_path: str,
                             settings: GeneratorSettings, task: int, count: int, seed: int, real_sources: list[str],
-                            actors: int = 1, batch_size: int = 16) -> list[dict]:
+                            actors: int = 1, batch_size: int = PSEUDO_BATCH) -> list[dict]:
     """``count`` pseudo prompts of task ``task``: rows {"task", "source"}, empty generations dropped.
     ``real_sources``: the task's training prompts, whose lengths ``settings.lengths == "real"`` draws."""
     plan = [{"task": task, "seed": seed * 100003 + start, "start": start, "count": min(batch_size, count - start)}
