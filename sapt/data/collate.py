@@ -100,6 +100,10 @@ class Collator:
         ids = self._encode(targets, self.max_target_len - 1, special=False)
         return [row + [self.eos_id] for row in ids]
 
+    def target_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        """Each target's token ids as training sees them: cut at ``max_target_len``, end token last."""
+        return self._answers(targets)
+
     def train_batch(self, sources: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tensors for one training micro-batch: input_ids, attention_mask, labels."""
         answers = self._answers(targets)

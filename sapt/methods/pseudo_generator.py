@@ -49,7 +49,7 @@ def generator_batch(collator: Collator, sources: Sequence[str]) -> dict[str, tor
 
 def prompt_lengths(collator: Collator, sources: Sequence[str]) -> list[int]:
     """The token length of each real prompt as the generator learns it (cut at ``max_new_tokens``)."""
-    return [len(row) - 1 for row in collator._answers(list(sources))]  # less the end token
+    return [len(row) - 1 for row in collator.target_ids(sources)]  # less the end token
 
 
 @torch.no_grad()
