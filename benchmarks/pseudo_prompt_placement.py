@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from router_separability import linear_probe, pooled  # noqa: E402
 
 from sapt.backbones import load_backbone  # noqa: E402
-from sapt.cluster.pseudo import PSEUDO_BATCH as BATCH, pseudo_seed  # noqa: E402
+from sapt.cluster.pseudo import pseudo_seed, sampling_batches  # noqa: E402
 from sapt.config import load_config  # noqa: E402
 from sapt.data.collate import Collator  # noqa: E402
 from sapt.data.loading import load_tasks  # noqa: E402
@@ -45,10 +45,8 @@ MODES = ("free", "real")
 
 def sample_as_the_run(model, writer, count: int, settings, seed: int, lengths: list[int]) -> list[str]:
     """The prompts generate_pseudo_prompts writes for ``seed`` (its sampling batches and their seeds)."""
-    prompts = []
-    for start in range(0, count, BATCH):
-        prompts += sample_prompts(model, writer, min(BATCH, count - start), settings, seed=seed * 100003 + start,
-                                  lengths=lengths)
+    prompts = [p for batch in sampling_batches(seed, count)
+               for p in sample_prompts(model, writer, batch["count"], settings, seed=batch["seed"], lengths=lengths)]
     return [p for p in prompts if p.strip()]
 
 

@@ -27,7 +27,7 @@ class PromptSampler:
         self.model = PeftModel.from_pretrained(loaded.model, generator_path).eval()
         self.collator = generator_collator(loaded, settings)
         self.settings = settings
-        self.lengths = prompt_lengths(self.collator, real_sources) if settings.lengths == "real" else []
+        self.lengths = prompt_lengths(self.collator, real_sources) if real_sources else []  # generator_lengths real
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks, positions, texts = [], [], []
@@ -43,6 +43,12 @@ class PromptSampler:
 PSEUDO_BATCH = 16  # prompts per sampling batch (each with its own seed)
 
 
+def sampling_batches(seed: int, count: int, batch_size: int = PSEUDO_BATCH) -> list[dict]:
+    """How ``count`` prompts are sampled: batches {"seed", "start", "count"}, each seeded on its own."""
+    return [{"seed": seed * 100003 + start, "start": start, "count": min(batch_size, count - start)}
+            for start in range(0, count, batch_size)]
+
+
 def pseudo_seed(run_seed: int, task_index: int) -> int:
     """The sampling seed of task ``task_index``'s pseudo prompts: a run and a later generation job
     given the same run seed write the same prompts."""
@@ -54,8 +60,7 @@ def generate_pseudo_prompts(*, backbone: str, data_dir: str | None, exclude_task
                             actors: int = 1, batch_size: int = PSEUDO_BATCH) -> list[dict]:
     """``count`` pseudo prompts of task ``task``: rows {"task", "source"}, empty generations dropped.
     ``real_sources``: the task's training prompts, whose lengths ``settings.lengths == "real"`` draws."""
-    plan = [{"task": task, "seed": seed * 100003 + start, "start": start, "count": min(batch_size, count - start)}
-            for start in range(0, count, batch_size)]
+    plan = [{"task": task, **batch} for batch in sampling_batches(seed, count, batch_size)]
     generated = ray.data.from_items(plan).map_batches(
         PromptSampler,
         fn_constructor_kwargs={"backbone": backbone, "data_dir": data_dir, "exclude_tasks": exclude_tasks,

@@ -18,6 +18,7 @@ import torch
 
 from sapt.backbones import load_backbone
 from sapt.cluster import worker
+from sapt.cluster.pseudo import sampling_batches
 from sapt.config import RunConfig
 from sapt.data.collate import Collator
 from sapt.methods import build_method
@@ -54,8 +55,8 @@ def sample_self_memory(run: RunConfig, checkpoint_path: str, counts: dict[int, i
                        exclude_tasks: list[str], actors: int = 1) -> dict[int, list[dict]]:
     """``counts[task]`` samples of every task in ``counts``, parsed into items: rows {"task", "source",
     "target"} by task (a task's list may be shorter: unparsed samples are left out)."""
-    plan = [{"task": task, "seed": seeds[task] * 100003 + start, "start": start, "count": min(BATCH, count - start)}
-            for task, count in sorted(counts.items()) for start in range(0, count, BATCH)]
+    plan = [{"task": task, **batch} for task, count in sorted(counts.items())
+            for batch in sampling_batches(seeds[task], count, BATCH)]
     written = ray.data.from_items(plan).map_batches(
         SelfSampler,
         fn_constructor_kwargs={"run": run.model_dump(mode="json"), "checkpoint_path": checkpoint_path,
