@@ -1,5 +1,7 @@
 """The SAPT pool and router: the subtle errors a re-implementation makes (sapt-method.md 1, 2.4)."""
 
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -343,6 +345,39 @@ def test_router_warmup_leaves_the_router_still_while_the_new_block_learns(tmp_pa
             assert router_grad == 0 and "arm_kl" not in terms
         else:
             assert router_grad > 0 and terms["arm_kl"] > 0
+
+
+def _new_block_weight_after_a_step(tmp_path, batch, own_block_weight: float) -> tuple[float, float]:
+    """Task 2 (ARM on) from a fixed start, one SGD step: its inputs' weight on their own block, before and after."""
+    torch.manual_seed(0)
+    method = build_method("sapt-lora", {"own_block_weight": own_block_weight}, PET)
+    first = method.build(load_backbone("embedded:tiny-t5"), None, Stage(0, (0,), (0,)))
+    _finish_task(method, first, batch, 0)
+    method.save(first, tmp_path)
+    model = method.build(load_backbone("embedded:tiny-t5"), tmp_path, Stage(1, (1,), (0, 1)))
+    own = lambda: float(method.attention(model, batch)[:, -1].mean())  # noqa: E731
+    model.eval()
+    before = own()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    reflect = {0: {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
+    model.train()
+    loss, terms = method.loss(model, batch, reflect)
+    if own_block_weight > 0:  # mean of -log(new block's weight) >= -log(its mean weight) (Jensen)
+        assert terms["own_block_ce"] >= -math.log(terms["own_block_weight"]) - 1e-6
+    else:
+        assert "own_block_ce" not in terms
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    return before, own()
+
+
+def test_own_block_weight_pulls_the_new_tasks_inputs_onto_its_block(tmp_path, tiny_t5_batch):
+    # The same task 2 from the same start, one step: the larger mu, the more of its inputs' weight their
+    # new block holds after it (ARM's target for these very inputs is block 1, and pulls the other way).
+    steps = {mu: _new_block_weight_after_a_step(tmp_path / str(mu), tiny_t5_batch, mu) for mu in (0.0, 0.5, 1.0)}
+    assert len({round(before, 6) for before, _ in steps.values()}) == 1
+    assert steps[0.0][1] < steps[0.5][1] < steps[1.0][1]
 
 
 def _three_tasks_inputs():

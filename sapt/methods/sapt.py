@@ -74,6 +74,11 @@ class SaptArgs(BaseModel):
                             "midpoint of the first two tasks' mean pooled embeddings (their validation inputs), "
                             "fixed from the start of task 2; stream, the mean of every task's mean so far, moved at "
                             "each task's start; none is the authors'.")
+    own_block_weight: float = Field(
+        0.0, ge=0, description="mu, on a cross-entropy that pulls the new task's training inputs toward its own block "
+                               "(tasks 2..); 0 is the authors' (the router learns from the LM loss and ARM only). A "
+                               "new block starts silent (LoRA B = 0), so the LM loss first moves the weight to the "
+                               "old, trained blocks; this keeps the new task on its block while it learns.")
     memory_fraction: float = Field(0.02, gt=0, le=1, description="Pseudo (or real) samples per task, share of train.")
     generator_steps: int = Field(300, ge=1, description="Optimizer steps of each task's generator.")
     generator_lr: float = Field(1e-3, gt=0)
@@ -258,6 +263,11 @@ class _Sapt(Method):
         if blocks > 1:  # how much of the new task's weight its own block holds, epoch by epoch (history)
             terms["own_block_weight"] = float(out.log_weights[:, -1].detach().exp().mean())
         ablation = self.args.ablation
+        if blocks > 1 and self.args.own_block_weight > 0 and not frozen and ablation != "no-sa":
+            newest = torch.full((out.log_weights.shape[0],), blocks - 1, device=out.log_weights.device)
+            own = F.nll_loss(out.log_weights, newest)
+            total = total + self.args.own_block_weight * own
+            terms["own_block_ce"] = float(own.detach())
         if ablation in ("none", "real-inputs") and memory:
             kl = sum(reflection_kl(lw, padded_target(self._target(task, lw), blocks))
                      for (task, _), lw in zip(memory, out.reflect_log_weights))
