@@ -264,8 +264,7 @@ class _Sapt(Method):
             terms["own_block_weight"] = float(out.log_weights[:, -1].detach().exp().mean())
         ablation = self.args.ablation
         if blocks > 1 and self.args.own_block_weight > 0 and not frozen and ablation != "no-sa":
-            newest = torch.full((out.log_weights.shape[0],), blocks - 1, device=out.log_weights.device)
-            own = F.nll_loss(out.log_weights, newest)
+            own = _newest_block_nll(out.log_weights)
             total = total + self.args.own_block_weight * own
             terms["own_block_ce"] = float(own.detach())
         if ablation in ("none", "real-inputs") and memory:
@@ -275,8 +274,7 @@ class _Sapt(Method):
             terms["arm_kl"] = float(kl.detach())
         elif ablation == "no-sa":
             # No shared attention: the router is a task classifier, trained beside the newest block.
-            newest = torch.full((out.log_weights.shape[0],), blocks - 1, device=out.log_weights.device)
-            ce = F.nll_loss(out.log_weights, newest)
+            ce = _newest_block_nll(out.log_weights)
             for (task, _), lw in zip(memory, out.reflect_log_weights):
                 ce = ce + F.nll_loss(lw, torch.full((lw.shape[0],), task, device=lw.device))
             total = total + ce
@@ -391,6 +389,12 @@ class _Sapt(Method):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         return model.eval()
+
+
+def _newest_block_nll(log_weights: torch.Tensor) -> torch.Tensor:
+    """Mean -log of the newest block's weight: the cross-entropy of "these inputs are the new task's"."""
+    newest = torch.full((log_weights.shape[0],), log_weights.shape[1] - 1, device=log_weights.device)
+    return F.nll_loss(log_weights, newest)
 
 
 def _read_state(state_dir: Path, method: str) -> dict:
